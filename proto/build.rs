@@ -1,0 +1,24 @@
+//! Compiles `proto/grad/v1/*.proto` with protox (pure Rust), so building needs
+//! no system `protoc`, and keeps the encoded descriptor set for gRPC reflection.
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
+
+const FILES: &[&str] = &[
+    "proto/grad/v1/runners.proto",
+    "proto/grad/v1/exec.proto",
+    "proto/grad/v1/users.proto",
+    "proto/grad/v1/agent.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for file in FILES {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let descriptors = protox::compile(FILES, ["proto"])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(out.join("grad_descriptor.bin"), descriptors.encode_to_vec())?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}

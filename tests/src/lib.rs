@@ -1,1 +1,275 @@
+//! The end-to-end harness: starts the real `grad` binary on an ephemeral
+//! loopback port with a temporary data dir (it spawns real `grad-runner`
+//! processes), and hands out clients and `gractl` commands pointed at it.
+//!
+//! The binaries come from the same target directory as the test binary;
+//! `make test` builds them first.
 
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use gractl::client::Client;
+
+/// Where cargo put the workspace's binaries (next to `deps/` of this test).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().expect("deps dir");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing; build it first (`cargo build --workspace` or `make test`)",
+        path.display()
+    );
+    path
+}
+
+/// Whether a prerequisite is present. Outside CI a missing one skips the test
+/// with a message; under CI=true it fails the run.
+pub fn require(what: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("prerequisite missing under CI=true: {what}");
+    }
+    eprintln!("SKIPPED: prerequisite missing: {what}");
+    false
+}
+
+/// The Python the tests give runners: $GRAD_PYTHON, else python3.
+pub fn python() -> String {
+    std::env::var("GRAD_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+pub fn python_has(modules: &str) -> bool {
+    Command::new(python())
+        .args(["-c", &format!("import {modules}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Waits for `cond` with a deadline; panics naming `what` if it never holds.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Grad {
+    pub data_dir: PathBuf,
+    pub url: String,
+    pub admin_token: String,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Grad {
+    /// Starts grad with a fresh data dir and short liveness timeouts.
+    pub fn start() -> Grad {
+        Grad::start_with(&[])
+    }
+
+    pub fn start_with(args: &[&str]) -> Grad {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let data_dir = tmp.path().join("grad");
+        let mut grad = Grad {
+            data_dir,
+            url: String::new(),
+            admin_token: String::new(),
+            child: None,
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            _tmp: Some(tmp),
+        };
+        grad.spawn("127.0.0.1:0");
+        grad.admin_token = std::fs::read_to_string(grad.data_dir.join("admin.token"))
+            .expect("admin.token written at first start")
+            .trim()
+            .to_string();
+        grad
+    }
+
+    fn spawn(&mut self, listen: &str) {
+        let mut child = Command::new(bin("grad"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--python")
+            .arg(python())
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .env_remove("GRAD_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn grad");
+        let stderr = child.stderr.take().expect("grad stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[grad] {line}");
+                if let Some(addr) = line
+                    .contains("grad serving")
+                    .then(|| line.split("addr=").nth(1))
+                    .flatten()
+                    .and_then(|rest| rest.split_whitespace().next())
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("grad did not report its address within 30s");
+        self.url = format!("http://{addr}");
+        self.child = Some(child);
+    }
+
+    /// Sends SIGTERM and waits for grad to exit; returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        signal(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops grad and starts it again on the same port and data dir.
+    pub fn restart(&mut self) {
+        let addr = self.url.trim_start_matches("http://").to_string();
+        self.stop();
+        self.spawn(&addr);
+    }
+
+    pub async fn client(&self, token: &str) -> Client {
+        Client::connect(&self.url, token).await.expect("connect to grad")
+    }
+
+    pub async fn admin(&self) -> Client {
+        self.client(&self.admin_token).await
+    }
+
+    /// Adds a user through `grad user add` and returns their token.
+    pub fn add_user(&self, name: &str, extra: &[&str]) -> String {
+        let out = Command::new(bin("grad"))
+            .args(["user", "add", name, "--data-dir"])
+            .arg(&self.data_dir)
+            .args(extra)
+            .output()
+            .expect("run grad user add");
+        assert!(out.status.success(), "grad user add: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf8 token").trim().to_string()
+    }
+
+    /// A `gractl` command pointed at this grad with `token`, with its own
+    /// config file so the user's real one is never touched.
+    pub fn gractl(&self, token: &str) -> Command {
+        let mut cmd = Command::new(bin("gractl"));
+        cmd.env("GRAD_SERVER", &self.url)
+            .env("GRAD_TOKEN", token)
+            .env("GRACTL_CONFIG", self.data_dir.join("gractl-test-config.yaml"))
+            .env_remove("GRAD_WORKSPACE")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// The local workspace of `owner`'s runner `name`.
+    pub fn workspace(&self, owner: &str, name: &str) -> PathBuf {
+        self.data_dir.join("runners").join(owner).join(name).join("workspace")
+    }
+
+    /// Pids of live grad-runner processes serving this grad's data dir.
+    pub fn runner_pids(&self) -> Vec<u32> {
+        runner_pids_under(&self.data_dir)
+    }
+}
+
+impl Drop for Grad {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Runner processes outlive grad by design; the test's are ours to end.
+        for pid in self.runner_pids() {
+            signal(pid, libc::SIGKILL);
+        }
+    }
+}
+
+pub fn runner_pids_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let is_zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+                .unwrap_or(true);
+            !is_zombie
+                && cmdline.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(b"grad-runner"))
+                && cmdline.windows(needle.len()).any(|w| w == needle)
+        })
+        .collect()
+}
+
+#[allow(unsafe_code)]
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) only takes integers.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Output of a finished command, for assertions with context.
+pub trait OutputExt {
+    fn stdout_str(&self) -> String;
+    fn stderr_str(&self) -> String;
+    fn code(&self) -> i32;
+}
+
+impl OutputExt for Output {
+    fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    fn stderr_str(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+    fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+}

@@ -1,0 +1,128 @@
+//! The runner agents connected to this grad right now: one bidirectional
+//! stream per runner, over which commands go out and execution events come
+//! back, routed by request id.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+};
+
+use grad_proto::{AgentCommand, ExecEvent};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{lock, store::now_ms};
+
+pub struct Agent {
+    pub conn: u64,
+    pub commands: mpsc::Sender<AgentCommand>,
+    /// Closes this agent's stream (on pause, delete, or a newer connection).
+    pub closed: CancellationToken,
+    last_seen: AtomicI64,
+    pending: Mutex<HashMap<String, mpsc::Sender<ExecEvent>>>,
+}
+
+impl Agent {
+    pub fn touch(&self) {
+        self.last_seen.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn last_seen_ms(&self) -> i64 {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+
+    /// Starts routing events for `request_id` to a new channel.
+    pub fn expect(&self, request_id: &str) -> mpsc::Receiver<ExecEvent> {
+        let (tx, rx) = mpsc::channel(256);
+        lock(&self.pending).insert(request_id.to_string(), tx);
+        rx
+    }
+
+    pub fn forget(&self, request_id: &str) {
+        lock(&self.pending).remove(request_id);
+    }
+
+    /// The channel for `request_id`'s events, if someone still listens.
+    pub fn route(&self, request_id: &str) -> Option<mpsc::Sender<ExecEvent>> {
+        lock(&self.pending).get(request_id).cloned()
+    }
+
+    /// Ends every pending execution's event channel (the agent went away).
+    fn drop_pending(&self) {
+        lock(&self.pending).clear();
+    }
+}
+
+#[derive(Default)]
+pub struct Agents {
+    next_conn: AtomicU64,
+    connected: Mutex<HashMap<String, Arc<Agent>>>,
+    /// When each runner's agent last disconnected (ms), for the monitor.
+    disconnected_at: Mutex<HashMap<String, i64>>,
+}
+
+impl Agents {
+    /// Registers a new connection for `runner_id`, replacing (and closing)
+    /// any older one.
+    pub fn attach(&self, runner_id: &str, commands: mpsc::Sender<AgentCommand>) -> Arc<Agent> {
+        let agent = Arc::new(Agent {
+            conn: self.next_conn.fetch_add(1, Ordering::Relaxed),
+            commands,
+            closed: CancellationToken::new(),
+            last_seen: AtomicI64::new(now_ms()),
+            pending: Mutex::new(HashMap::new()),
+        });
+        let old = lock(&self.connected).insert(runner_id.to_string(), agent.clone());
+        lock(&self.disconnected_at).remove(runner_id);
+        if let Some(old) = old {
+            old.closed.cancel();
+            old.drop_pending();
+        }
+        agent
+    }
+
+    /// Forgets connection `conn` of `runner_id` if it is still the current one.
+    pub fn detach(&self, runner_id: &str, conn: u64) {
+        let mut connected = lock(&self.connected);
+        if connected.get(runner_id).is_some_and(|a| a.conn == conn) {
+            if let Some(agent) = connected.remove(runner_id) {
+                agent.closed.cancel();
+                agent.drop_pending();
+            }
+            lock(&self.disconnected_at).insert(runner_id.to_string(), now_ms());
+        }
+    }
+
+    /// Closes `runner_id`'s connection, whichever it is.
+    pub fn close(&self, runner_id: &str) {
+        if let Some(agent) = lock(&self.connected).remove(runner_id) {
+            agent.closed.cancel();
+            agent.drop_pending();
+        }
+        lock(&self.disconnected_at).remove(runner_id);
+    }
+
+    pub fn get(&self, runner_id: &str) -> Option<Arc<Agent>> {
+        lock(&self.connected).get(runner_id).cloned()
+    }
+
+    pub fn is_connected(&self, runner_id: &str) -> bool {
+        lock(&self.connected).contains_key(runner_id)
+    }
+
+    pub fn disconnected_at(&self, runner_id: &str) -> Option<i64> {
+        lock(&self.disconnected_at).get(runner_id).copied()
+    }
+
+    /// Closes every connection (grad is shutting down).
+    pub fn close_all(&self) {
+        for (_, agent) in lock(&self.connected).drain() {
+            agent.closed.cancel();
+            agent.drop_pending();
+        }
+    }
+}
+

@@ -1,0 +1,347 @@
+//! The gRPC services. Handlers only translate: read the caller, turn the
+//! message into domain values, call one domain function, turn the result back.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use grad_proto::{
+    self as pb, AgentCommand, AgentMessage, ExecEvent, Registered, agent_command::Command,
+    agent_message::Message, exec_server::Exec, runner_agent_server::RunnerAgent,
+    runners_server::Runners as RunnersRpc, users_server::Users,
+};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_util::{
+    sync::{CancellationToken, WaitForCancellationFutureOwned},
+    task::TaskTracker,
+};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    auth::{self, Caller},
+    exec,
+    runners::{Runners, Waited},
+    store::{self, State},
+};
+
+#[derive(Clone)]
+pub struct Api {
+    pub runners: Arc<Runners>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+fn state_to_pb(state: State) -> pb::RunnerState {
+    match state {
+        State::Pending => pb::RunnerState::Pending,
+        State::Starting => pb::RunnerState::Starting,
+        State::Ready => pb::RunnerState::Ready,
+        State::Pausing => pb::RunnerState::Pausing,
+        State::Paused => pb::RunnerState::Paused,
+        State::Resuming => pb::RunnerState::Resuming,
+        State::Deleting => pb::RunnerState::Deleting,
+        State::Failed => pb::RunnerState::Failed,
+    }
+}
+
+impl Api {
+    fn runner_to_pb(&self, r: store::Runner) -> pb::Runner {
+        pb::Runner {
+            connected: self.runners.agents().is_connected(&r.id),
+            name: r.name,
+            owner: r.owner_name,
+            state: state_to_pb(r.state) as i32,
+            reason: r.reason,
+            resources: Some(pb::Resources {
+                cpu_millis: r.resources.cpu_millis,
+                memory_bytes: r.resources.memory_bytes,
+                storage_bytes: r.resources.storage_bytes,
+                gpus: r.resources.gpus,
+            }),
+            backend: r.backend,
+            workspace: r.workspace,
+            create_time: Some(timestamp(r.created_at)),
+            update_time: Some(timestamp(r.updated_at)),
+        }
+    }
+}
+
+type RpcResult<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl RunnersRpc for Api {
+    async fn create_runner(&self, req: Request<pb::CreateRunnerRequest>) -> RpcResult<pb::Runner> {
+        let caller = auth::user(&req)?.clone();
+        let msg = req.into_inner();
+        let res = msg.resources.unwrap_or_default();
+        let resources = store::Resources {
+            cpu_millis: res.cpu_millis,
+            memory_bytes: res.memory_bytes,
+            storage_bytes: res.storage_bytes,
+            gpus: res.gpus,
+        };
+        let runner = self.runners.create(&caller, &msg.name, resources).await?;
+        Ok(Response::new(self.runner_to_pb(runner)))
+    }
+
+    async fn get_runner(&self, req: Request<pb::GetRunnerRequest>) -> RpcResult<pb::Runner> {
+        let caller = auth::user(&req)?;
+        let runner = self.runners.get(caller, &req.get_ref().name).await?;
+        Ok(Response::new(self.runner_to_pb(runner)))
+    }
+
+    async fn list_runners(
+        &self,
+        req: Request<pb::ListRunnersRequest>,
+    ) -> RpcResult<pb::ListRunnersResponse> {
+        let caller = auth::user(&req)?;
+        let runners = self.runners.list(caller, req.get_ref().all_users).await?;
+        Ok(Response::new(pb::ListRunnersResponse {
+            runners: runners.into_iter().map(|r| self.runner_to_pb(r)).collect(),
+        }))
+    }
+
+    async fn pause_runner(&self, req: Request<pb::PauseRunnerRequest>) -> RpcResult<pb::Runner> {
+        let caller = auth::user(&req)?;
+        let runner = self.runners.pause(caller, &req.get_ref().name).await?;
+        Ok(Response::new(self.runner_to_pb(runner)))
+    }
+
+    async fn resume_runner(&self, req: Request<pb::ResumeRunnerRequest>) -> RpcResult<pb::Runner> {
+        let caller = auth::user(&req)?;
+        let runner = self.runners.resume(caller, &req.get_ref().name).await?;
+        Ok(Response::new(self.runner_to_pb(runner)))
+    }
+
+    async fn delete_runner(&self, req: Request<pb::DeleteRunnerRequest>) -> RpcResult<pb::Runner> {
+        let caller = auth::user(&req)?;
+        let runner = self.runners.delete(caller, &req.get_ref().name).await?;
+        Ok(Response::new(self.runner_to_pb(runner)))
+    }
+
+    async fn wait_runner(&self, req: Request<pb::WaitRunnerRequest>) -> RpcResult<pb::Runner> {
+        let caller = auth::user(&req)?;
+        let msg = req.get_ref();
+        let mut states = Vec::new();
+        let mut want_deleted = false;
+        for s in &msg.states {
+            match pb::RunnerState::try_from(*s) {
+                Ok(pb::RunnerState::Deleted) => want_deleted = true,
+                Ok(pb::RunnerState::Unspecified) | Err(_) => {
+                    return Err(Status::invalid_argument(format!("states: unknown state {s}")));
+                }
+                Ok(pb) => states.extend(
+                    [
+                        State::Pending,
+                        State::Starting,
+                        State::Ready,
+                        State::Pausing,
+                        State::Paused,
+                        State::Resuming,
+                        State::Deleting,
+                        State::Failed,
+                    ]
+                    .into_iter()
+                    .find(|st| state_to_pb(*st) == pb),
+                ),
+            }
+        }
+        if states.is_empty() && !want_deleted {
+            return Err(Status::invalid_argument("states: name at least one state"));
+        }
+        let timeout = match msg.timeout_ms {
+            0 => Duration::from_secs(60),
+            ms => Duration::from_millis(ms.into()),
+        };
+        let waited = self
+            .runners
+            .wait(caller, &msg.name, &states, want_deleted, timeout)
+            .await?;
+        Ok(Response::new(match waited {
+            Waited::Runner(r) => self.runner_to_pb(r),
+            Waited::Deleted { name, owner } => pb::Runner {
+                name,
+                owner,
+                state: pb::RunnerState::Deleted as i32,
+                ..Default::default()
+            },
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Exec for Api {
+    type ExecuteCodeStream = ReceiverStream<Result<ExecEvent, Status>>;
+
+    async fn execute_code(
+        &self,
+        req: Request<pb::ExecuteCodeRequest>,
+    ) -> RpcResult<Self::ExecuteCodeStream> {
+        let caller = auth::user(&req)?.clone();
+        let msg = req.into_inner();
+        let events = exec::execute(
+            &self.runners,
+            &caller,
+            exec::Request {
+                runner: msg.runner,
+                code: msg.code,
+                session: msg.session,
+                params_json: msg.params_json,
+                timeout_ms: msg.timeout_ms,
+            },
+        )
+        .await?;
+        Ok(Response::new(ReceiverStream::new(events)))
+    }
+
+    async fn list_executions(
+        &self,
+        req: Request<pb::ListExecutionsRequest>,
+    ) -> RpcResult<pb::ListExecutionsResponse> {
+        let caller = auth::user(&req)?;
+        let msg = req.get_ref();
+        let rows = exec::list(&self.runners, caller, &msg.runner, msg.limit).await?;
+        Ok(Response::new(pb::ListExecutionsResponse {
+            executions: rows
+                .into_iter()
+                .map(|(e, runner)| pb::Execution {
+                    id: e.id,
+                    runner,
+                    session: e.session,
+                    code: e.code,
+                    status: exec::status_from_name(&e.status) as i32,
+                    execution_count: e.execution_count,
+                    duration_us: e.duration_us,
+                    start_time: Some(timestamp(e.started_at)),
+                })
+                .collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Users for Api {
+    async fn who_am_i(&self, req: Request<pb::WhoAmIRequest>) -> RpcResult<pb::User> {
+        let caller = auth::user(&req)?;
+        Ok(Response::new(pb::User {
+            name: caller.name.clone(),
+            role: caller.role.to_string(),
+            plan: caller.plan.to_string(),
+        }))
+    }
+}
+
+/// A stream of commands that ends when its agent connection is closed.
+pub struct CommandStream {
+    inner: ReceiverStream<AgentCommand>,
+    closed: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Stream for CommandStream {
+    type Item = Result<AgentCommand, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.closed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut self.inner).poll_next(cx).map(|c| c.map(Ok))
+    }
+}
+
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[tonic::async_trait]
+impl RunnerAgent for Api {
+    type AttachStream = CommandStream;
+
+    async fn attach(&self, req: Request<Streaming<AgentMessage>>) -> RpcResult<CommandStream> {
+        let (runner_id, token_id) = match req.extensions().get::<Caller>() {
+            Some(Caller::Runner {
+                runner_id,
+                token_id,
+            }) => (runner_id.clone(), token_id.clone()),
+            _ => {
+                return Err(Status::permission_denied(
+                    "only runner agent tokens can attach",
+                ));
+            }
+        };
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no register message within 10s"))??;
+        let Some(AgentMessage {
+            message: Some(Message::Register(register)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message on an agent stream must be register",
+            ));
+        };
+        let runner = self.runners.attached(&runner_id, &token_id).await?;
+        tracing::info!(
+            runner = %runner.name, owner = %runner.owner_name, pid = register.pid,
+            python = %register.python, python_version = %register.python_version,
+            "runner agent attached"
+        );
+        let (commands, rx) = mpsc::channel(256);
+        let agent = self.runners.agents().attach(&runner_id, commands.clone());
+        let registered = AgentCommand {
+            command: Some(Command::Registered(Registered {
+                heartbeat_interval_ms: self.runners.timing().heartbeat_interval.as_millis() as u32,
+            })),
+        };
+        // Cannot fail: the channel is new and has room.
+        let _ = commands.try_send(registered);
+        self.runners.notify();
+
+        let runners = self.runners.clone();
+        let shutdown = self.shutdown.clone();
+        let reader_agent = agent.clone();
+        self.tracker.spawn(async move {
+            let agent = reader_agent;
+            loop {
+                let msg = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = agent.closed.cancelled() => break,
+                    _ = shutdown.cancelled() => break,
+                };
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(runner = %runner.name, %status, "agent stream error");
+                        break;
+                    }
+                };
+                agent.touch();
+                match msg.message {
+                    Some(Message::ExecEvent(e)) => {
+                        if let (Some(route), Some(event)) = (agent.route(&e.request_id), e.event) {
+                            let _ = route.send(event).await;
+                        }
+                    }
+                    Some(Message::Heartbeat(_)) | Some(Message::Register(_)) | None => {}
+                }
+            }
+            runners.agents().detach(&runner_id, agent.conn);
+            runners.notify();
+            tracing::info!(runner = %runner.name, "runner agent detached");
+        });
+        Ok(Response::new(CommandStream {
+            inner: ReceiverStream::new(rx),
+            closed: Box::pin(agent.closed.clone().cancelled_owned()),
+        }))
+    }
+}

@@ -1,0 +1,128 @@
+//! grad's command line and environment: one `Config`, validated before any
+//! port is bound.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "grad", version, about = "grad: the control plane for remote runners")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format (logs go to stderr; RUST_LOG sets the level, default info).
+    #[arg(long, global = true, env = "GRAD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve gRPC and HTTP on one port, with local runners.
+    Serve(Config),
+    /// Manage users and their tokens (works on the data dir directly).
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Store {
+    /// Where grad keeps its database, signing key, admin token and runner workspaces.
+    #[arg(long, env = "GRAD_DATA_DIR", default_value = ".grad")]
+    pub data_dir: PathBuf,
+    /// Database URL (default: the SQLite file grad.db in the data dir).
+    #[arg(long, env = "GRAD_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+impl Store {
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}?mode=rwc", self.data_dir.join("grad.db").display())
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub store: Store,
+    /// Address to listen on for gRPC and HTTP.
+    #[arg(long, env = "GRAD_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// URL runners dial to reach grad (default: http://<listen address>).
+    #[arg(long, env = "GRAD_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// The grad-runner binary for local runners (default: next to grad, else PATH).
+    #[arg(long, env = "GRAD_RUNNER_BIN")]
+    pub runner_bin: Option<PathBuf>,
+    /// The Python interpreter runners use (default: python3).
+    #[arg(long, env = "GRAD_PYTHON")]
+    pub python: Option<String>,
+    /// How often runners send heartbeats.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// A ready runner silent for this long is marked failed.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Duration,
+    /// A starting runner that has not registered within this long is marked failed.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub start_timeout: Duration,
+}
+
+impl Config {
+    /// Checks what clap cannot, before any port is bound.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return Err(format!(
+                "--heartbeat-timeout ({}) must be longer than --heartbeat-interval ({})",
+                humantime::format_duration(self.heartbeat_timeout),
+                humantime::format_duration(self.heartbeat_interval)
+            ));
+        }
+        if self.heartbeat_interval < Duration::from_millis(10) {
+            return Err("--heartbeat-interval must be at least 10ms".into());
+        }
+        if let Some(url) = &self.advertise_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!(
+                "--advertise-url '{url}': expected a URL like http://10.0.0.5:7070"
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user and print a token for them.
+    Add {
+        /// User name: 1-32 lowercase letters, digits, '-', '_' or '.'.
+        name: String,
+        /// Make the user an admin (sees every user's resources).
+        #[arg(long)]
+        admin: bool,
+        /// Plan: pro may request GPUs.
+        #[arg(long, default_value = "free", value_parser = ["free", "pro"])]
+        plan: String,
+        /// How long the token is valid.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        store: Store,
+    },
+    /// Print a new token for an existing user.
+    Token {
+        name: String,
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        store: Store,
+    },
+}

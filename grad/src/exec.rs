@@ -1,0 +1,230 @@
+//! execute-code through grad: find the caller's runner, hand the code to its
+//! agent, relay the agent's events back to the caller, record the execution.
+//! A caller that goes away (Ctrl-C) cancels the code on the runner.
+
+use std::{sync::Arc, time::Duration};
+
+use grad_proto::{
+    AgentCommand, CancelCode, ExecEvent, ExecFinished, ExecStarted, ExecStatus, RunCode,
+    agent_command::Command, exec_event::Event,
+};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::{
+    auth::UserCaller,
+    error::{Error, Result},
+    runners::{Runners, Waited},
+    store::{self, State, now_ms},
+};
+
+/// How long execute-code waits for a runner that is still starting.
+const WAIT_FOR_READY: Duration = Duration::from_secs(30);
+
+pub struct Request {
+    pub runner: String,
+    pub code: String,
+    pub session: String,
+    pub params_json: String,
+    pub timeout_ms: u32,
+}
+
+pub type Events = mpsc::Receiver<Result<ExecEvent, Status>>;
+
+fn validate(req: &mut Request) -> Result<()> {
+    if req.session.is_empty() {
+        req.session = "default".into();
+    }
+    let session_ok = req.session.len() <= 64
+        && req
+            .session
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if !session_ok {
+        return Err(Error::InvalidArgument(format!(
+            "invalid session '{}': use up to 64 letters, digits, '-', '_' or '.'",
+            req.session
+        )));
+    }
+    if req.params_json.trim().is_empty() {
+        req.params_json = "{}".into();
+    }
+    match serde_json::from_str::<serde_json::Value>(&req.params_json) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        Ok(_) => Err(Error::InvalidArgument(
+            "params_json must be a JSON object".into(),
+        )),
+        Err(e) => Err(Error::InvalidArgument(format!("params_json is not JSON: {e}"))),
+    }
+}
+
+pub async fn execute(runners: &Arc<Runners>, caller: &UserCaller, mut req: Request) -> Result<Events> {
+    validate(&mut req)?;
+    let mut runner = runners.resolve(caller, &req.runner).await?;
+    if matches!(
+        runner.state,
+        State::Pending | State::Starting | State::Resuming
+    ) {
+        runner = match runners
+            .wait_for(&runner, &[State::Ready], false, WAIT_FOR_READY)
+            .await?
+        {
+            Waited::Runner(r) => r,
+            Waited::Deleted { .. } => {
+                return Err(Error::NotFound(format!("runner '{}' not found", req.runner)));
+            }
+        };
+    }
+    check_ready(&runner, &req.runner)?;
+    let agent = runners.agents().get(&runner.id).ok_or_else(|| {
+        Error::Unavailable(format!(
+            "runner {} is not connected to grad right now; retry in a few seconds",
+            req.runner
+        ))
+    })?;
+
+    let execution_id = uuid::Uuid::new_v4().to_string();
+    let mut from_runner = agent.expect(&execution_id);
+    let run = AgentCommand {
+        command: Some(Command::RunCode(RunCode {
+            request_id: execution_id.clone(),
+            execution_id: execution_id.clone(),
+            code: req.code.clone(),
+            session: req.session.clone(),
+            params_json: req.params_json,
+            timeout_ms: req.timeout_ms,
+        })),
+    };
+    if agent.commands.send(run).await.is_err() {
+        agent.forget(&execution_id);
+        return Err(Error::Unavailable(format!(
+            "runner {} disconnected; retry in a few seconds",
+            req.runner
+        )));
+    }
+
+    let (to_caller, events) = mpsc::channel(256);
+    let started = ExecEvent {
+        event: Some(Event::Started(ExecStarted {
+            execution_id: execution_id.clone(),
+            session: req.session.clone(),
+        })),
+    };
+    // Cannot fail: the channel is new and has room.
+    let _ = to_caller.try_send(Ok(started));
+    let mut record = store::Execution {
+        id: execution_id.clone(),
+        runner_id: runner.id.clone(),
+        owner_id: runner.owner_id.clone(),
+        session: req.session,
+        code: req.code,
+        status: String::new(),
+        execution_count: 0,
+        duration_us: 0,
+        started_at: now_ms(),
+    };
+    let store = runners.store().clone();
+    let commands = agent.commands.clone();
+    let closed = agent.closed.clone();
+    // Relays until the runner says finished or its agent goes away (which
+    // grad's shutdown forces), so the tracker can join it.
+    runners.tracker().spawn(async move {
+        let mut cancelled = false;
+        let finished = loop {
+            let event = tokio::select! {
+                event = from_runner.recv() => event,
+                _ = to_caller.closed(), if !cancelled => {
+                    cancelled = true;
+                    let cancel = AgentCommand {
+                        command: Some(Command::CancelCode(CancelCode {
+                            request_id: record.id.clone(),
+                        })),
+                    };
+                    let _ = commands.send(cancel).await;
+                    continue;
+                }
+                _ = closed.cancelled() => None,
+            };
+            let Some(event) = event else {
+                break ExecFinished {
+                    status: ExecStatus::Failed as i32,
+                    message: "the runner disconnected during the execution".into(),
+                    ..Default::default()
+                };
+            };
+            if let Some(Event::Finished(f)) = &event.event {
+                break f.clone();
+            }
+            if !cancelled {
+                let _ = to_caller.send(Ok(event)).await;
+            }
+        };
+        record.status = status_name(finished.status).to_string();
+        record.execution_count = finished.execution_count;
+        record.duration_us = finished.duration_us;
+        if let Err(e) = store.insert_execution(&record).await {
+            tracing::error!(error = %e, execution = %record.id, "recording execution");
+        }
+        let _ = to_caller
+            .send(Ok(ExecEvent {
+                event: Some(Event::Finished(finished)),
+            }))
+            .await;
+        agent.forget(&record.id);
+    });
+    Ok(events)
+}
+
+fn check_ready(runner: &store::Runner, name: &str) -> Result<()> {
+    match runner.state {
+        State::Ready => Ok(()),
+        State::Paused | State::Pausing => Err(Error::FailedPrecondition(format!(
+            "runner {name} is paused; run `gractl runner resume {name}`"
+        ))),
+        State::Failed => Err(Error::FailedPrecondition(format!(
+            "runner {name} failed: {}; run `gractl runner resume {name}` to restart it",
+            runner.reason
+        ))),
+        State::Deleting => Err(Error::FailedPrecondition(format!(
+            "runner {name} is being deleted"
+        ))),
+        State::Pending | State::Starting | State::Resuming => Err(Error::Unavailable(format!(
+            "runner {name} is still {}; try again shortly",
+            runner.state
+        ))),
+    }
+}
+
+pub fn status_name(status: i32) -> &'static str {
+    match ExecStatus::try_from(status).unwrap_or(ExecStatus::Unspecified) {
+        ExecStatus::Ok => "ok",
+        ExecStatus::Error => "error",
+        ExecStatus::Timeout => "timeout",
+        ExecStatus::Cancelled => "cancelled",
+        ExecStatus::Failed => "failed",
+        ExecStatus::Unspecified => "unspecified",
+    }
+}
+
+pub fn status_from_name(name: &str) -> ExecStatus {
+    match name {
+        "ok" => ExecStatus::Ok,
+        "error" => ExecStatus::Error,
+        "timeout" => ExecStatus::Timeout,
+        "cancelled" => ExecStatus::Cancelled,
+        "failed" => ExecStatus::Failed,
+        _ => ExecStatus::Unspecified,
+    }
+}
+
+pub async fn list(
+    runners: &Arc<Runners>,
+    caller: &UserCaller,
+    runner: &str,
+    limit: u32,
+) -> Result<Vec<(store::Execution, String)>> {
+    let r = runners.resolve(caller, runner).await?;
+    let limit = if limit == 0 { 50 } else { limit.min(1000) };
+    let rows = runners.store().list_executions(&r.id, limit).await?;
+    Ok(rows.into_iter().map(|e| (e, r.name.clone())).collect())
+}

@@ -1,0 +1,727 @@
+//! The runner lifecycle: validation, ownership, states and their transitions,
+//! failure detection and reconciliation after a restart. The gRPC layer only
+//! translates to and from this module; backends only start and stop processes.
+//!
+//! Every transition of one runner happens under that runner's lock. A
+//! lifecycle RPC takes the lock, records the transitional state (`pausing`,
+//! `resuming`, …), answers, and hands the lock to a tracked task that finishes
+//! the work, so a client that disconnects cannot leave a runner half-done and
+//! the next operation on the same runner waits for the previous one.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, mpsc, watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    agents::Agents,
+    auth::{Keys, UserCaller},
+    backend::{self, Backend},
+    error::{Error, Result},
+    lock,
+    store::{self, Plan, Resources, State, Store, now_ms},
+};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How often runner agents send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// A ready runner with no heartbeat (or no connection) for this long fails.
+    pub heartbeat_timeout: Duration,
+    /// A starting runner that has not registered within this long fails.
+    pub start_timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Timing {
+        Timing {
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(5),
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+pub const DEFAULT_RESOURCES: Resources = Resources {
+    cpu_millis: 1000,
+    memory_bytes: 2 << 30,
+    storage_bytes: 10 << 30,
+    gpus: 0,
+};
+
+const MAX_NAME: usize = 40;
+
+/// The outcome of waiting for a runner.
+pub enum Waited {
+    Runner(store::Runner),
+    Deleted { name: String, owner: String },
+}
+
+pub struct Runners {
+    store: Store,
+    backend: Arc<dyn Backend>,
+    keys: Keys,
+    agents: Arc<Agents>,
+    timing: Timing,
+    changed: watch::Sender<u64>,
+    locks: std::sync::Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    started_at: i64,
+}
+
+/// Checks a runner name: a DNS label, so it is also a valid pod name part.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid runner name '{name}': use 1-{MAX_NAME} lowercase letters, digits and '-', \
+             starting with a letter and not ending with '-'"
+        )))
+    }
+}
+
+/// Fills in defaults (zero means "default") and checks the limits.
+pub fn validate_resources(requested: Resources, plan: Plan) -> Result<Resources> {
+    let pick = |v: u64, d: u64| if v == 0 { d } else { v };
+    let r = Resources {
+        cpu_millis: pick(
+            requested.cpu_millis.into(),
+            DEFAULT_RESOURCES.cpu_millis.into(),
+        ) as u32,
+        memory_bytes: pick(requested.memory_bytes, DEFAULT_RESOURCES.memory_bytes),
+        storage_bytes: pick(requested.storage_bytes, DEFAULT_RESOURCES.storage_bytes),
+        gpus: requested.gpus,
+    };
+    const MI: u64 = 1 << 20;
+    const GI: u64 = 1 << 30;
+    if !(100..=64_000).contains(&r.cpu_millis) {
+        return Err(Error::InvalidArgument(format!(
+            "invalid cpu {}m: must be between 100m and 64 cores",
+            r.cpu_millis
+        )));
+    }
+    if !(128 * MI..=512 * GI).contains(&r.memory_bytes) {
+        return Err(Error::InvalidArgument(format!(
+            "invalid memory {} bytes: must be between 128Mi and 512Gi",
+            r.memory_bytes
+        )));
+    }
+    if !(GI..=2048 * GI).contains(&r.storage_bytes) {
+        return Err(Error::InvalidArgument(format!(
+            "invalid storage {} bytes: must be between 1Gi and 2Ti",
+            r.storage_bytes
+        )));
+    }
+    if r.gpus > 8 {
+        return Err(Error::InvalidArgument(format!(
+            "invalid gpus {}: at most 8",
+            r.gpus
+        )));
+    }
+    if r.gpus > 0 && plan != Plan::Pro {
+        return Err(Error::PermissionDenied(format!(
+            "GPUs need the pro plan; your plan is {plan}"
+        )));
+    }
+    Ok(r)
+}
+
+impl Runners {
+    pub fn new(
+        store: Store,
+        backend: Arc<dyn Backend>,
+        keys: Keys,
+        agents: Arc<Agents>,
+        timing: Timing,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Arc<Runners> {
+        Arc::new(Runners {
+            store,
+            backend,
+            keys,
+            agents,
+            timing,
+            changed: watch::channel(0).0,
+            locks: std::sync::Mutex::new(HashMap::new()),
+            tracker,
+            shutdown,
+            started_at: now_ms(),
+        })
+    }
+
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    pub fn agents(&self) -> &Arc<Agents> {
+        &self.agents
+    }
+
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    async fn lock_runner(&self, id: &str) -> OwnedMutexGuard<()> {
+        let m = lock(&self.locks)
+            .entry(id.to_string())
+            .or_insert_with(|| Arc::new(AsyncMutex::new(())))
+            .clone();
+        m.lock_owned().await
+    }
+
+    /// Finds the caller's runner by name. Admins may name another user's
+    /// runner as `OWNER/NAME`. Anyone else's runner is "not found", never
+    /// "forbidden", so existence does not leak.
+    pub async fn resolve(&self, caller: &UserCaller, name: &str) -> Result<store::Runner> {
+        let not_found = || Error::NotFound(format!("runner '{name}' not found"));
+        let (owner_id, short) = match name.split_once('/') {
+            Some((owner, short)) if caller.is_admin() => {
+                let owner = self.store.user_by_name(owner).await?.ok_or_else(not_found)?;
+                (owner.id, short)
+            }
+            Some(_) => return Err(not_found()),
+            None => (caller.id.clone(), name),
+        };
+        if short.is_empty() {
+            return Err(Error::InvalidArgument("runner name is empty".into()));
+        }
+        self.store
+            .runner_by_name(&owner_id, short)
+            .await?
+            .ok_or_else(not_found)
+    }
+
+    pub async fn create(
+        self: &Arc<Self>,
+        caller: &UserCaller,
+        name: &str,
+        requested: Resources,
+    ) -> Result<store::Runner> {
+        validate_name(name)?;
+        let resources = validate_resources(requested, caller.plan)?;
+        let now = now_ms();
+        let runner = store::Runner {
+            id: uuid::Uuid::new_v4().to_string(),
+            owner_id: caller.id.clone(),
+            owner_name: caller.name.clone(),
+            name: name.to_string(),
+            state: State::Pending,
+            reason: String::new(),
+            resources,
+            backend: self.backend.name().to_string(),
+            workspace: self
+                .backend
+                .workspace(&caller.name, name)
+                .display()
+                .to_string(),
+            token_id: String::new(),
+            pid: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let guard = self.lock_runner(&runner.id).await;
+        self.store.insert_runner(&runner).await?;
+        tracing::info!(runner = %runner.name, owner = %caller.name, "runner created");
+        self.bump();
+        self.spawn_with(guard, runner.id.clone(), |this, id| async move {
+            this.start(&id).await
+        });
+        Ok(runner)
+    }
+
+    pub async fn get(&self, caller: &UserCaller, name: &str) -> Result<store::Runner> {
+        self.resolve(caller, name).await
+    }
+
+    pub async fn list(&self, caller: &UserCaller, all_users: bool) -> Result<Vec<store::Runner>> {
+        if all_users && !caller.is_admin() {
+            return Err(Error::PermissionDenied(
+                "only admins can list every user's runners".into(),
+            ));
+        }
+        let owner = (!all_users).then_some(caller.id.as_str());
+        self.store.list_runners(owner).await
+    }
+
+    pub async fn pause(self: &Arc<Self>, caller: &UserCaller, name: &str) -> Result<store::Runner> {
+        let found = self.resolve(caller, name).await?;
+        let guard = self.lock_runner(&found.id).await;
+        let mut runner = self.reread(&found, name).await?;
+        match runner.state {
+            State::Paused | State::Pausing => return Ok(runner),
+            State::Deleting => return Err(deleting(name)),
+            State::Pending | State::Starting | State::Ready | State::Resuming | State::Failed => {}
+        }
+        self.store
+            .set_runner_state(&runner.id, State::Pausing, "")
+            .await?;
+        runner.state = State::Pausing;
+        self.bump();
+        self.spawn_with(guard, runner.id.clone(), |this, id| async move {
+            this.stop(&id).await
+        });
+        Ok(runner)
+    }
+
+    pub async fn resume(
+        self: &Arc<Self>,
+        caller: &UserCaller,
+        name: &str,
+    ) -> Result<store::Runner> {
+        let found = self.resolve(caller, name).await?;
+        let guard = self.lock_runner(&found.id).await;
+        let mut runner = self.reread(&found, name).await?;
+        match runner.state {
+            State::Paused | State::Failed => {}
+            State::Pending | State::Starting | State::Ready | State::Resuming => {
+                return Ok(runner);
+            }
+            State::Deleting => return Err(deleting(name)),
+            // Unreachable in practice: pausing ends under the lock we hold.
+            State::Pausing => {
+                return Err(Error::FailedPrecondition(format!(
+                    "runner {name} is pausing; resume it once it is paused"
+                )));
+            }
+        }
+        self.store
+            .set_runner_state(&runner.id, State::Resuming, "")
+            .await?;
+        runner.state = State::Resuming;
+        runner.reason.clear();
+        self.bump();
+        self.spawn_with(guard, runner.id.clone(), |this, id| async move {
+            this.start(&id).await
+        });
+        Ok(runner)
+    }
+
+    pub async fn delete(
+        self: &Arc<Self>,
+        caller: &UserCaller,
+        name: &str,
+    ) -> Result<store::Runner> {
+        let found = self.resolve(caller, name).await?;
+        let guard = self.lock_runner(&found.id).await;
+        let mut runner = self.reread(&found, name).await?;
+        if runner.state != State::Deleting {
+            self.store
+                .set_runner_state(&runner.id, State::Deleting, "")
+                .await?;
+            runner.state = State::Deleting;
+            self.bump();
+        }
+        self.spawn_with(guard, runner.id.clone(), |this, id| async move {
+            this.remove(&id).await
+        });
+        Ok(runner)
+    }
+
+    /// Waits until the runner is in one of `states` (or failed, or gone), at
+    /// most `timeout`.
+    pub async fn wait(
+        &self,
+        caller: &UserCaller,
+        name: &str,
+        states: &[State],
+        want_deleted: bool,
+        timeout: Duration,
+    ) -> Result<Waited> {
+        let runner = self.resolve(caller, name).await?;
+        self.wait_for(&runner, states, want_deleted, timeout).await
+    }
+
+    pub async fn wait_for(
+        &self,
+        runner: &store::Runner,
+        states: &[State],
+        want_deleted: bool,
+        timeout: Duration,
+    ) -> Result<Waited> {
+        let mut changed = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            changed.mark_unchanged();
+            match self.store.runner_by_id(&runner.id).await? {
+                None if want_deleted => {
+                    return Ok(Waited::Deleted {
+                        name: runner.name.clone(),
+                        owner: runner.owner_name.clone(),
+                    });
+                }
+                None => {
+                    return Err(Error::NotFound(format!(
+                        "runner '{}' was deleted",
+                        runner.name
+                    )));
+                }
+                Some(r) if states.contains(&r.state) || r.state == State::Failed => {
+                    return Ok(Waited::Runner(r));
+                }
+                Some(r) => {
+                    let woke = tokio::time::timeout_at(deadline, changed.changed()).await;
+                    if woke.is_err() {
+                        return Err(Error::DeadlineExceeded(format!(
+                            "runner {} is still {} after {}",
+                            r.name,
+                            r.state,
+                            humantime::format_duration(timeout)
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn reread(&self, found: &store::Runner, name: &str) -> Result<store::Runner> {
+        self.store
+            .runner_by_id(&found.id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("runner '{name}' not found")))
+    }
+
+    /// Runs `work` as a tracked task that holds the runner's lock until done.
+    fn spawn_with<F, Fut>(self: &Arc<Self>, guard: OwnedMutexGuard<()>, id: String, work: F)
+    where
+        F: FnOnce(Arc<Runners>, String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+    {
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            let _guard = guard;
+            if let Err(e) = work(this.clone(), id.clone()).await {
+                tracing::error!(runner_id = %id, error = %e, "runner transition failed");
+                let _ = this
+                    .store
+                    .set_runner_state(&id, State::Failed, &e.to_string())
+                    .await;
+                this.bump();
+            }
+        });
+    }
+
+    /// Starts (or restarts) the runner's process with a fresh agent token.
+    /// Caller holds the runner's lock.
+    async fn start(&self, id: &str) -> Result<()> {
+        let Some(mut runner) = self.store.runner_by_id(id).await? else {
+            return Ok(());
+        };
+        if !matches!(runner.state, State::Pending | State::Resuming) {
+            return Ok(());
+        }
+        let token_id = uuid::Uuid::new_v4().to_string();
+        self.store.set_runner_token(id, &token_id).await?;
+        runner.token_id = token_id.clone();
+        let spec = backend::Spec {
+            token: self.keys.issue_runner(id, &token_id)?,
+            runner: runner.clone(),
+        };
+        match self.backend.start(&spec).await {
+            Ok(pid) => {
+                self.store.set_runner_pid(id, pid).await?;
+                if runner.state == State::Pending {
+                    self.store.set_runner_state(id, State::Starting, "").await?;
+                }
+                tracing::info!(runner = %runner.name, ?pid, "runner process started");
+            }
+            Err(e) => {
+                tracing::warn!(runner = %runner.name, error = %e, "runner failed to start");
+                self.store
+                    .set_runner_state(id, State::Failed, &e.to_string())
+                    .await?;
+            }
+        }
+        self.bump();
+        Ok(())
+    }
+
+    /// Stops the runner's processes, keeping its files. Caller holds the lock.
+    async fn stop(&self, id: &str) -> Result<()> {
+        let Some(runner) = self.store.runner_by_id(id).await? else {
+            return Ok(());
+        };
+        self.agents.close(id);
+        self.backend.stop(&runner).await?;
+        self.store.set_runner_pid(id, None).await?;
+        self.store.set_runner_state(id, State::Paused, "").await?;
+        tracing::info!(runner = %runner.name, "runner paused");
+        self.bump();
+        Ok(())
+    }
+
+    /// Stops the runner and removes everything it had. Caller holds the lock.
+    async fn remove(&self, id: &str) -> Result<()> {
+        let Some(runner) = self.store.runner_by_id(id).await? else {
+            return Ok(());
+        };
+        self.agents.close(id);
+        self.backend.stop(&runner).await?;
+        self.backend.remove(&runner).await?;
+        self.store.delete_runner(id).await?;
+        lock(&self.locks).remove(id);
+        tracing::info!(runner = %runner.name, "runner deleted");
+        self.bump();
+        Ok(())
+    }
+
+    /// Marks a runner failed (if it is still in `expected` state) and stops
+    /// whatever is left of it.
+    async fn fail(&self, id: &str, expected: State, reason: String) -> Result<()> {
+        let _guard = self.lock_runner(id).await;
+        let Some(runner) = self.store.runner_by_id(id).await? else {
+            return Ok(());
+        };
+        if runner.state != expected {
+            return Ok(());
+        }
+        tracing::warn!(runner = %runner.name, %reason, "runner failed");
+        self.agents.close(id);
+        self.store.set_runner_state(id, State::Failed, &reason).await?;
+        self.bump();
+        if let Err(e) = self.backend.stop(&runner).await {
+            tracing::warn!(runner = %runner.name, error = %e, "stopping a failed runner");
+        }
+        self.store.set_runner_pid(id, None).await?;
+        Ok(())
+    }
+
+    /// A runner's agent attached with a valid runner token: checks it is the
+    /// runner's current token and marks the runner ready.
+    pub async fn attached(&self, runner_id: &str, token_id: &str) -> Result<store::Runner> {
+        let _guard = self.lock_runner(runner_id).await;
+        let mut runner = self
+            .store
+            .runner_by_id(runner_id)
+            .await?
+            .ok_or_else(|| Error::NotFound("this runner no longer exists".into()))?;
+        if runner.token_id != token_id {
+            return Err(Error::PermissionDenied(
+                "this runner token has been replaced; the runner was restarted elsewhere".into(),
+            ));
+        }
+        match runner.state {
+            State::Pending | State::Starting | State::Resuming | State::Ready | State::Failed => {
+                if runner.state != State::Ready || !runner.reason.is_empty() {
+                    self.store
+                        .set_runner_state(runner_id, State::Ready, "")
+                        .await?;
+                    runner.state = State::Ready;
+                    runner.reason.clear();
+                }
+                Ok(runner)
+            }
+            State::Pausing | State::Paused | State::Deleting => Err(Error::FailedPrecondition(
+                format!("runner {} is {}; not accepting its agent", runner.name, runner.state),
+            )),
+        }
+    }
+
+    /// Tells waiters that something changed (an agent attached or detached).
+    pub fn notify(&self) {
+        self.bump();
+    }
+
+    /// Handles what the backend noticed on its own (a process exiting).
+    pub async fn run_backend_events(self: Arc<Self>, mut events: mpsc::Receiver<backend::Event>) {
+        loop {
+            let event = tokio::select! {
+                e = events.recv() => e,
+                _ = self.shutdown.cancelled() => None,
+            };
+            let Some(backend::Event::Exited {
+                runner_id,
+                pid,
+                status,
+            }) = event
+            else {
+                return;
+            };
+            let runner = match self.store.runner_by_id(&runner_id).await {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading runner after process exit");
+                    continue;
+                }
+            };
+            if runner.pid != Some(pid) {
+                continue;
+            }
+            if let State::Starting | State::Ready | State::Resuming = runner.state {
+                let reason = format!("runner process exited ({status})");
+                if let Err(e) = self.fail(&runner_id, runner.state, reason).await {
+                    tracing::error!(error = %e, "marking runner failed");
+                }
+            }
+        }
+    }
+
+    /// Notices runners whose agent stopped heartbeating or never registered.
+    pub async fn run_monitor(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            if let Err(e) = self.check_liveness().await {
+                tracing::error!(error = %e, "runner liveness check");
+            }
+        }
+    }
+
+    async fn check_liveness(self: &Arc<Self>) -> Result<()> {
+        let now = now_ms();
+        let heartbeat_ms = self.timing.heartbeat_timeout.as_millis() as i64;
+        let start_ms = self.timing.start_timeout.as_millis() as i64;
+        for runner in self.store.list_runners(None).await? {
+            let reason = match runner.state {
+                State::Ready => match self.agents.get(&runner.id) {
+                    Some(agent) if now - agent.last_seen_ms() > heartbeat_ms => Some(format!(
+                        "no heartbeat from the runner for {}",
+                        humantime::format_duration(self.timing.heartbeat_timeout)
+                    )),
+                    Some(_) => None,
+                    None if runner.pid.is_some() && !self.backend.alive(&runner) => {
+                        Some("runner process is gone".to_string())
+                    }
+                    None => {
+                        let since = self
+                            .agents
+                            .disconnected_at(&runner.id)
+                            .unwrap_or(self.started_at)
+                            .max(runner.updated_at);
+                        (now - since > heartbeat_ms).then(|| {
+                            format!(
+                                "runner agent disconnected and did not come back within {}",
+                                humantime::format_duration(self.timing.heartbeat_timeout)
+                            )
+                        })
+                    }
+                },
+                State::Starting | State::Resuming => {
+                    let since = runner.updated_at.max(self.started_at);
+                    (now - since > start_ms).then(|| {
+                        format!(
+                            "runner did not register within {}",
+                            humantime::format_duration(self.timing.start_timeout)
+                        )
+                    })
+                }
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                let this = self.clone();
+                self.tracker.spawn(async move {
+                    if let Err(e) = this.fail(&runner.id, runner.state, reason).await {
+                        tracing::error!(error = %e, "marking runner failed");
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes what a previous grad left half-done, and notices runners
+    /// whose process is gone. Live runners simply reconnect.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<()> {
+        for runner in self.store.list_runners(None).await? {
+            let guard = self.lock_runner(&runner.id).await;
+            let id = runner.id.clone();
+            match runner.state {
+                State::Pending => self.spawn_with(guard, id, |t, id| async move {
+                    t.start(&id).await
+                }),
+                State::Resuming if !self.backend.alive(&runner) => {
+                    self.spawn_with(guard, id, |t, id| async move { t.start(&id).await })
+                }
+                State::Pausing => self.spawn_with(guard, id, |t, id| async move {
+                    t.stop(&id).await
+                }),
+                State::Deleting => self.spawn_with(guard, id, |t, id| async move {
+                    t.remove(&id).await
+                }),
+                State::Starting | State::Ready if !self.backend.alive(&runner) => {
+                    drop(guard);
+                    self.fail(
+                        &id,
+                        runner.state,
+                        "runner process was gone when grad started".into(),
+                    )
+                    .await?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn deleting(name: &str) -> Error {
+    Error::FailedPrecondition(format!("runner {name} is being deleted"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runner_names_must_be_dns_labels() {
+        for good in ["r1", "a", "train-gpu-2"] {
+            validate_name(good).unwrap();
+        }
+        for bad in ["", "R1", "1r", "r_1", "r1-", "a/b", &"a".repeat(41)] {
+            let err = validate_name(bad).unwrap_err().to_string();
+            assert!(err.contains("invalid runner name"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn zero_resources_take_the_defaults() {
+        let zero = Resources {
+            cpu_millis: 0,
+            memory_bytes: 0,
+            storage_bytes: 0,
+            gpus: 0,
+        };
+        assert_eq!(validate_resources(zero, Plan::Free).unwrap(), DEFAULT_RESOURCES);
+    }
+
+    #[test]
+    fn resources_out_of_range_are_refused_with_the_limits() {
+        let mut r = DEFAULT_RESOURCES;
+        r.cpu_millis = 50;
+        assert!(validate_resources(r, Plan::Pro).unwrap_err().to_string().contains("100m"));
+        let mut r = DEFAULT_RESOURCES;
+        r.memory_bytes = 1 << 40;
+        assert!(validate_resources(r, Plan::Pro).unwrap_err().to_string().contains("512Gi"));
+    }
+
+    #[test]
+    fn gpus_need_the_pro_plan() {
+        let mut r = DEFAULT_RESOURCES;
+        r.gpus = 1;
+        let err = validate_resources(r, Plan::Free).unwrap_err();
+        assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+        assert_eq!(validate_resources(r, Plan::Pro).unwrap().gpus, 1);
+    }
+}

@@ -1,0 +1,211 @@
+//! `serve`: wires the store, auth, backend and runners together and serves
+//! gRPC (with health and reflection) and plain HTTP on one listener.
+
+use std::{
+    fs,
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use axum::{http::StatusCode, routing::get, serve::ListenerExt};
+use grad_proto::{
+    FILE_DESCRIPTOR_SET, exec_server::ExecServer, runner_agent_server::RunnerAgentServer,
+    runners_server::RunnersServer, users_server::UsersServer,
+};
+use tokio::{net::TcpListener, sync::mpsc};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::service::Routes;
+
+use crate::{
+    agents::Agents,
+    api::Api,
+    auth::{self, Keys},
+    backend::{self, Local},
+    config::Config,
+    error::{Error, Result},
+    runners::{Runners, Timing},
+    store::{Plan, Role, Store},
+};
+
+/// Admin tokens written at first start are valid this long.
+pub const ADMIN_TOKEN_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Rich outputs (figures, tables) can exceed tonic's 4 MiB default.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Opens the data dir: creates it, the database, and the signing key.
+pub async fn open(data_dir: &Path, database_url: &str) -> Result<(Store, Keys)> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(Error::io(format!("creating data dir {}", data_dir.display())))?;
+    let store = Store::connect(database_url).await?;
+    let keys = Keys::load_or_create(&data_dir.join("jwt.key"))?;
+    Ok((store, keys))
+}
+
+/// On first start: creates the admin user and writes its token (mode 0600).
+async fn bootstrap_admin(store: &Store, keys: &Keys, data_dir: &Path) -> Result<()> {
+    if store.user_by_name("admin").await?.is_some() {
+        return Ok(());
+    }
+    let admin = store.insert_user("admin", Role::Admin, Plan::Pro).await?;
+    let token = keys.issue_user(&admin, ADMIN_TOKEN_TTL)?;
+    let path = data_dir.join("admin.token");
+    auth::write_private(&path, format!("{token}\n").as_bytes())?;
+    tracing::info!(path = %path.display(), "created the admin user; its token is in this file");
+    Ok(())
+}
+
+fn default_runner_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("grad-runner")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("grad-runner"))
+}
+
+/// Serves on an already-bound listener until `shutdown` is cancelled, then
+/// drains: health NOT_SERVING, agent streams closed, tasks joined with a
+/// deadline. Runner processes are left running; they reconnect to the next grad.
+pub async fn serve(listener: TcpListener, config: &Config, shutdown: CancellationToken) -> Result<()> {
+    let data_dir = config.store.data_dir.clone();
+    let (store, keys) = open(&data_dir, &config.store.database_url()).await?;
+    bootstrap_admin(&store, &keys, &data_dir).await?;
+
+    let addr = listener
+        .local_addr()
+        .map_err(Error::io("reading the listener's address"))?;
+    let server_url = config.advertise_url.clone().unwrap_or_else(|| {
+        let ip = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        format!("http://{ip}:{}", addr.port())
+    });
+
+    let tracker = TaskTracker::new();
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let backend = Arc::new(Local::new(
+        backend::local::Settings {
+            data_dir: data_dir.clone(),
+            runner_bin: config.runner_bin.clone().unwrap_or_else(default_runner_bin),
+            server_url,
+            python: config.python.clone(),
+        },
+        events_tx,
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+    let agents = Arc::new(Agents::default());
+    let runners = Runners::new(
+        store.clone(),
+        backend,
+        keys.clone(),
+        agents.clone(),
+        Timing {
+            heartbeat_interval: config.heartbeat_interval,
+            heartbeat_timeout: config.heartbeat_timeout,
+            start_timeout: config.start_timeout,
+        },
+        tracker.clone(),
+        shutdown.clone(),
+    );
+    runners.reconcile().await?;
+    tracker.spawn(runners.clone().run_backend_events(events_rx));
+    tracker.spawn(runners.clone().run_monitor());
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<RunnersServer<Api>>().await;
+    health.set_serving::<ExecServer<Api>>().await;
+    health.set_serving::<UsersServer<Api>>().await;
+    health.set_serving::<RunnerAgentServer<Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::FailedPrecondition(format!("gRPC reflection: {e}")))?;
+
+    let api = Api {
+        runners: runners.clone(),
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    };
+    let auth = keys.interceptor();
+    let routes = Routes::new(health_service)
+        .add_service(RunnersServer::with_interceptor(api.clone(), auth.clone()))
+        .add_service(ExecServer::with_interceptor(api.clone(), auth.clone()))
+        .add_service(UsersServer::with_interceptor(api.clone(), auth.clone()))
+        .add_service(
+            tonic::service::interceptor::InterceptedService::new(
+                RunnerAgentServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+                auth.clone(),
+            ),
+        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            reflection, auth,
+        ));
+    let healthz_shutdown = shutdown.clone();
+    let router = routes.into_axum_router().route(
+        "/healthz",
+        get(move || {
+            let stopping = healthz_shutdown.is_cancelled();
+            async move {
+                if stopping {
+                    (StatusCode::SERVICE_UNAVAILABLE, "stopping\n")
+                } else {
+                    (StatusCode::OK, "ok\n")
+                }
+            }
+        }),
+    );
+
+    tracing::info!(%addr, data_dir = %data_dir.display(), "grad serving gRPC and HTTP");
+    let signal = {
+        let shutdown = shutdown.clone();
+        let agents = agents.clone();
+        let health = health.clone();
+        async move {
+            shutdown.cancelled().await;
+            tracing::info!("shutting down");
+            health.set_not_serving::<RunnersServer<Api>>().await;
+            health.set_not_serving::<ExecServer<Api>>().await;
+            health.set_not_serving::<UsersServer<Api>>().await;
+            health.set_not_serving::<RunnerAgentServer<Api>>().await;
+            agents.close_all();
+        }
+    };
+    let listener = listener.tap_io(|tcp| {
+        // Small request/response messages: latency matters more than batching.
+        let _ = tcp.set_nodelay(true);
+    });
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(signal)
+        .into_future();
+    tokio::pin!(server);
+    let drained = tokio::select! {
+        r = &mut server => r.map(|_| true),
+        _ = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN_DEADLINE).await;
+        } => Ok(false),
+    };
+    match drained {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!("connections did not drain within the deadline"),
+        Err(e) => return Err(Error::io("serving")(e)),
+    }
+    tracker.close();
+    if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not finish within the deadline");
+    }
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}

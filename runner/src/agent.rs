@@ -1,0 +1,240 @@
+//! The agent: dials out to grad (`RunnerAgent.Attach`), registers, sends
+//! heartbeats, runs the code grad sends in the kernel sessions and streams
+//! the events back. Reconnects with backoff when the stream drops, so a grad
+//! restart loses nothing.
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+
+use grad_proto::{
+    AgentExecEvent, AgentMessage, ExecEvent, Heartbeat, Register, RunCode,
+    agent_command::Command, agent_message::Message, exec_event::Event,
+    runner_agent_client::RunnerAgentClient,
+};
+use tokio::{sync::mpsc, task::JoinSet};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Endpoint};
+
+use crate::kernel::{self, Sessions};
+
+pub struct Config {
+    pub server: String,
+    pub runner_id: String,
+    pub name: String,
+    pub workspace: PathBuf,
+    pub python: String,
+    pub token: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("grad refused this runner: {0}")]
+    Refused(String),
+    #[error("invalid server URL '{url}': {source}")]
+    Url {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("the runner token is not valid ASCII")]
+    Token,
+}
+
+enum Ended {
+    Shutdown,
+    Disconnected(String),
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+
+/// Runs until `shutdown`, until grad refuses this runner for good, or until
+/// the runner's workspace disappears (its runner was deleted behind our back).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let sessions = Arc::new(Sessions::new(kernel::Config {
+        python: config.python.clone(),
+        workspace: config.workspace.clone(),
+        env: Vec::new(),
+    }));
+    sessions.prestart();
+    let endpoint = Endpoint::from_shared(config.server.clone())
+        .map_err(|source| Error::Url {
+            url: config.server.clone(),
+            source,
+        })?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let auth: MetadataValue<_> = format!("Bearer {}", config.token)
+        .parse()
+        .map_err(|_| Error::Token)?;
+
+    let mut backoff = FIRST_BACKOFF;
+    let result = loop {
+        if shutdown.is_cancelled() {
+            break Ok(());
+        }
+        if !config.workspace.exists() {
+            tracing::warn!(workspace = %config.workspace.display(), "workspace is gone; exiting");
+            break Ok(());
+        }
+        match attach(&config, &endpoint, &auth, &sessions, &shutdown).await {
+            Ok(Ended::Shutdown) => break Ok(()),
+            Ok(Ended::Disconnected(why)) => {
+                tracing::info!(%why, "disconnected from grad; reconnecting");
+                backoff = FIRST_BACKOFF;
+            }
+            Err(status) if is_final(&status) => {
+                break Err(Error::Refused(status.message().to_string()));
+            }
+            Err(status) => {
+                tracing::debug!(%status, ?backoff, "cannot reach grad; retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    };
+    sessions.shutdown().await;
+    result
+}
+
+/// grad answers these when it will never accept this runner again.
+fn is_final(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unauthenticated | Code::PermissionDenied | Code::NotFound | Code::FailedPrecondition
+    )
+}
+
+async fn attach(
+    config: &Config,
+    endpoint: &Endpoint,
+    auth: &MetadataValue<tonic::metadata::Ascii>,
+    sessions: &Arc<Sessions>,
+    shutdown: &CancellationToken,
+) -> Result<Ended, Status> {
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("connecting to {}: {e}", config.server)))?;
+    let (out, rx) = mpsc::channel::<AgentMessage>(256);
+    let register = AgentMessage {
+        message: Some(Message::Register(Register {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            hostname: hostname(),
+            python: config.python.clone(),
+            python_version: String::new(),
+        })),
+    };
+    // Cannot fail: the channel is new and has room.
+    let _ = out.try_send(register);
+    let mut request = Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert("authorization", auth.clone());
+    let mut commands = RunnerAgentClient::new(channel)
+        .attach(request)
+        .await?
+        .into_inner();
+    let interval = match commands.message().await? {
+        Some(grad_proto::AgentCommand {
+            command: Some(Command::Registered(r)),
+        }) => Duration::from_millis(r.heartbeat_interval_ms.max(10).into()),
+        _ => return Err(Status::internal("grad did not acknowledge the registration")),
+    };
+    tracing::info!(runner = %config.name, server = %config.server, "attached to grad");
+
+    let mut heartbeat = tokio::time::interval(interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut running: HashMap<String, CancellationToken> = HashMap::new();
+    let mut tasks: JoinSet<String> = JoinSet::new();
+    let ended = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ended::Shutdown,
+            _ = heartbeat.tick() => {
+                let beat = AgentMessage {
+                    message: Some(Message::Heartbeat(Heartbeat { sessions: sessions.count() as u32 })),
+                };
+                if out.send(beat).await.is_err() {
+                    break Ended::Disconnected("outbound stream closed".into());
+                }
+            }
+            Some(done) = tasks.join_next() => {
+                if let Ok(request_id) = done {
+                    running.remove(&request_id);
+                }
+            }
+            command = commands.message() => match command {
+                Ok(Some(c)) => match c.command {
+                    Some(Command::RunCode(run)) => {
+                        let cancel = CancellationToken::new();
+                        running.insert(run.request_id.clone(), cancel.clone());
+                        tasks.spawn(run_code(sessions.clone(), run, out.clone(), cancel));
+                    }
+                    Some(Command::CancelCode(c)) => {
+                        if let Some(token) = running.get(&c.request_id) {
+                            token.cancel();
+                        }
+                    }
+                    Some(Command::Registered(_)) | None => {}
+                },
+                Ok(None) => break Ended::Disconnected("grad closed the stream".into()),
+                Err(status) if is_final(&status) => return Err(status),
+                Err(status) => break Ended::Disconnected(status.to_string()),
+            },
+        }
+    };
+    // grad has already told the callers of running code that it failed;
+    // interrupt the code so the sessions are free again.
+    for token in running.values() {
+        token.cancel();
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(ended)
+}
+
+async fn run_code(
+    sessions: Arc<Sessions>,
+    run: RunCode,
+    out: mpsc::Sender<AgentMessage>,
+    cancel: CancellationToken,
+) -> String {
+    let request_id = run.request_id.clone();
+    let wrap = |event: ExecEvent| AgentMessage {
+        message: Some(Message::ExecEvent(AgentExecEvent {
+            request_id: request_id.clone(),
+            event: Some(event),
+        })),
+    };
+    let (events, mut event_rx) = mpsc::channel(256);
+    let request = kernel::Request {
+        execution_id: run.execution_id,
+        code: run.code,
+        params_json: run.params_json,
+        timeout: (run.timeout_ms > 0).then(|| Duration::from_millis(run.timeout_ms.into())),
+    };
+    let execute = sessions.execute(&run.session, request, events, cancel);
+    let forward = async {
+        while let Some(event) = event_rx.recv().await {
+            if out.send(wrap(event)).await.is_err() {
+                break;
+            }
+        }
+    };
+    let (finished, ()) = tokio::join!(execute, forward);
+    let _ = out
+        .send(wrap(ExecEvent {
+            event: Some(Event::Finished(finished)),
+        }))
+        .await;
+    request_id
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}

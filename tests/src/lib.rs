@@ -107,15 +107,17 @@ impl Grad {
     }
 
     fn spawn(&mut self, listen: &str) {
-        let mut child = Command::new(bin("grad"))
-            .arg("serve")
+        let mut cmd = Command::new(bin("grad"));
+        cmd.arg("serve")
             .arg("--listen")
             .arg(listen)
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .arg("--python")
-            .arg(python())
-            .args(&self.extra_args)
+            .args(&self.extra_args);
+        if !self.extra_args.iter().any(|a| a == "--python") {
+            cmd.arg("--python").arg(python());
+        }
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .env_remove("GRAD_TOKEN")
             .stdout(Stdio::null())
@@ -163,11 +165,13 @@ impl Grad {
         }
     }
 
-    /// Stops grad and starts it again on the same port and data dir.
-    pub fn restart(&mut self) {
+    /// Stops grad (SIGTERM) and starts it again on the same port and data
+    /// dir; returns how the first one exited.
+    pub fn restart_status(&mut self) -> Option<std::process::ExitStatus> {
         let addr = self.url.trim_start_matches("http://").to_string();
-        self.stop();
+        let status = self.stop();
         self.spawn(&addr);
+        status
     }
 
     pub async fn client(&self, token: &str) -> Client {

@@ -60,6 +60,10 @@ async fn bootstrap_admin(store: &Store, keys: &Keys, data_dir: &Path) -> Result<
     Ok(())
 }
 
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(Error::io(format!("resolving {}", path.display())))
+}
+
 fn default_runner_bin() -> PathBuf {
     std::env::current_exe()
         .ok()
@@ -72,8 +76,16 @@ fn default_runner_bin() -> PathBuf {
 /// drains: health NOT_SERVING, agent streams closed, tasks joined with a
 /// deadline. Runner processes are left running; they reconnect to the next grad.
 pub async fn serve(listener: TcpListener, config: &Config, shutdown: CancellationToken) -> Result<()> {
-    let data_dir = config.store.data_dir.clone();
-    let (store, keys) = open(&data_dir, &config.store.database_url()).await?;
+    let (store, keys) = open(&config.store.data_dir, &config.store.database_url()).await?;
+    // Runners work in their own directories: hand them absolute paths.
+    let data_dir = absolute(&config.store.data_dir)?;
+    let python = config.python.as_ref().map(|p| {
+        if p.contains('/') {
+            absolute(Path::new(p)).map_or_else(|_| p.clone(), |a| a.display().to_string())
+        } else {
+            p.clone()
+        }
+    });
     bootstrap_admin(&store, &keys, &data_dir).await?;
 
     let addr = listener
@@ -93,9 +105,12 @@ pub async fn serve(listener: TcpListener, config: &Config, shutdown: Cancellatio
     let backend = Arc::new(Local::new(
         backend::local::Settings {
             data_dir: data_dir.clone(),
-            runner_bin: config.runner_bin.clone().unwrap_or_else(default_runner_bin),
+            runner_bin: match &config.runner_bin {
+                Some(bin) => absolute(bin)?,
+                None => default_runner_bin(),
+            },
             server_url,
-            python: config.python.clone(),
+            python,
         },
         events_tx,
         tracker.clone(),

@@ -1,0 +1,29 @@
+# grad: see README.md. `make demo` runs grad end to end; `make test` is what CI runs.
+
+CARGO ?= cargo
+
+.PHONY: build test demo bench lint fmt clean
+
+build:
+	$(CARGO) build --workspace --bins
+
+# The end-to-end tests start the real binaries, so build them first.
+test: build
+	$(CARGO) test --workspace
+
+demo: build
+	bash scripts/demo.sh
+
+bench:
+	$(CARGO) build --release --workspace --bins
+	bash scripts/bench.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

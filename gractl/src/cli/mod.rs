@@ -1,0 +1,224 @@
+//! The command line: clap definitions, where settings come from (flags, env,
+//! workspace config, login credentials), and one module per command group.
+
+mod execute;
+mod execution;
+mod login;
+mod runner;
+mod workspace;
+
+use std::{
+    io::{self, IsTerminal},
+    path::{Path, PathBuf},
+};
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::{
+    client::Client,
+    config::{ConfigError, Credentials, Workspace},
+    exit,
+    output::Format,
+};
+
+pub use execute::{ExecuteCodeArgs, parse_param};
+pub use execution::ExecutionCommand;
+pub use login::LoginArgs;
+pub use runner::RunnerCommand;
+pub use workspace::WorkspaceCommand;
+
+const GLOBAL: &str = "Global options";
+
+/// gractl: run code and batch jobs on remote runners through grad.
+#[derive(Debug, Parser)]
+#[command(name = "gractl", version, after_help = exit::HELP, max_term_width = 100)]
+pub struct Cli {
+    /// grad server URL (default: the workspace's `server`, else the one from `gractl login`)
+    #[arg(long, global = true, env = "GRAD_SERVER", value_name = "URL", help_heading = GLOBAL)]
+    pub server: Option<String>,
+
+    /// Output format: table for people, json (one document) or ndjson (one event per line)
+    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table, help_heading = GLOBAL)]
+    pub output: Format,
+
+    /// Credentials file written by `gractl login`
+    /// [default: $XDG_CONFIG_HOME/gractl/config.yaml or ~/.config/gractl/config.yaml]
+    #[arg(long, global = true, env = "GRACTL_CONFIG", value_name = "FILE", help_heading = GLOBAL)]
+    pub config: Option<PathBuf>,
+
+    /// Workspace directory (default: the nearest ancestor of the current
+    /// directory with a config.yaml next to a runners/ directory)
+    #[arg(long, global = true, env = "GRAD_WORKSPACE", value_name = "DIR", help_heading = GLOBAL)]
+    pub workspace: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Verify a token with grad and store it with the server URL
+    Login(LoginArgs),
+    /// Show who the token belongs to
+    Whoami,
+    /// Create, list, inspect, pause, resume and delete runners
+    #[command(subcommand)]
+    Runner(RunnerCommand),
+    /// Run Python code in a runner's persistent interpreter
+    #[command(visible_alias = "exec")]
+    ExecuteCode(ExecuteCodeArgs),
+    /// Past executions of code on a runner
+    #[command(subcommand)]
+    Execution(ExecutionCommand),
+    /// Set up a local workspace directory
+    #[command(subcommand)]
+    Workspace(WorkspaceCommand),
+    /// Print a shell completion script
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// What gractl takes from the process environment besides its flags. The
+/// binary fills it in; tests build it by hand.
+#[derive(Clone, Default)]
+pub struct Environment {
+    /// `GRAD_TOKEN`: overrides the stored token.
+    pub token: Option<String>,
+    /// Where the credentials live unless `--config` says otherwise.
+    pub default_credentials: Option<PathBuf>,
+    /// Where to start looking for a workspace.
+    pub cwd: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Environment {
+    // Never prints the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Environment")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("default_credentials", &self.default_credentials)
+            .field("cwd", &self.cwd)
+            .finish()
+    }
+}
+
+impl Environment {
+    pub fn from_process() -> Environment {
+        let var = |name| std::env::var_os(name).filter(|value| !value.is_empty());
+        Environment {
+            token: std::env::var("GRAD_TOKEN")
+                .ok()
+                .filter(|t| !t.trim().is_empty()),
+            default_credentials: Credentials::default_path(
+                var("XDG_CONFIG_HOME").as_deref().map(Path::new),
+                var("HOME").as_deref().map(Path::new),
+            ),
+            cwd: std::env::current_dir().ok(),
+        }
+    }
+}
+
+/// Runs one parsed command line.
+pub async fn run(cli: Cli, environment: Environment) -> anyhow::Result<()> {
+    let context = Context {
+        format: cli.output,
+        server: cli.server,
+        credentials_path: cli.config.or(environment.default_credentials),
+        workspace_dir: cli.workspace,
+        token: environment.token,
+        cwd: environment.cwd,
+    };
+    match cli.command {
+        Command::Login(args) => login::login(&context, args).await,
+        Command::Whoami => login::whoami(&context).await,
+        Command::Runner(command) => runner::run(&context, command).await,
+        Command::ExecuteCode(args) => execute::execute_code(&context, args).await,
+        Command::Execution(command) => execution::run(&context, command).await,
+        Command::Workspace(command) => workspace::run(&context, command),
+        Command::Completion { shell } => {
+            let mut out = io::stdout().lock();
+            clap_complete::generate(shell, &mut Cli::command(), "gractl", &mut out);
+            Ok(())
+        }
+    }
+}
+
+/// Settings for one command, resolved lazily so a command only reads the
+/// files it needs.
+struct Context {
+    format: Format,
+    /// `--server` or `GRAD_SERVER`.
+    server: Option<String>,
+    credentials_path: Option<PathBuf>,
+    /// `--workspace` or `GRAD_WORKSPACE`.
+    workspace_dir: Option<PathBuf>,
+    token: Option<String>,
+    cwd: Option<PathBuf>,
+}
+
+impl Context {
+    /// The workspace config, if the command runs in (or names) a workspace.
+    fn workspace(&self) -> Result<Option<Workspace>, ConfigError> {
+        match &self.workspace_dir {
+            Some(dir) => Workspace::load(dir).map(Some),
+            None => match self.cwd.as_deref().and_then(Workspace::find) {
+                Some(root) => Workspace::load(&root).map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
+    fn credentials(&self) -> Result<Option<Credentials>, ConfigError> {
+        match &self.credentials_path {
+            Some(path) => Credentials::load(path),
+            None => Ok(None),
+        }
+    }
+
+    /// `--server` > `GRAD_SERVER` > workspace `server` > login credentials.
+    fn server(
+        &self,
+        workspace: Option<&Workspace>,
+        credentials: Option<&Credentials>,
+    ) -> Option<String> {
+        self.server
+            .clone()
+            .or_else(|| workspace.and_then(|w| w.server.clone()))
+            .or_else(|| credentials.map(|c| c.server.clone()))
+    }
+
+    /// Connects with the resolved server and token.
+    async fn connect(&self, workspace: Option<&Workspace>) -> anyhow::Result<Client> {
+        let credentials = self.credentials()?;
+        let server = self
+            .server(workspace, credentials.as_ref())
+            .ok_or(match credentials {
+                None if self.token.is_none() => ConfigError::NotLoggedIn,
+                _ => ConfigError::NoServer,
+            })?;
+        let token = self
+            .token
+            .clone()
+            .or_else(|| credentials.map(|c| c.token))
+            .ok_or(ConfigError::NotLoggedIn)?;
+        Ok(Client::connect(&server, &token).await?)
+    }
+
+    /// `-r/--runner`, else the workspace's `defaults.runner`.
+    fn runner(
+        &self,
+        flag: Option<String>,
+        workspace: Option<&Workspace>,
+    ) -> anyhow::Result<String> {
+        flag.or_else(|| workspace.and_then(|w| w.defaults.as_ref()?.runner.clone()))
+            .ok_or_else(|| ConfigError::NoRunner.into())
+    }
+
+    /// Progress for people only: shown when stderr is a terminal.
+    fn progress(&self, message: &str) {
+        if self.format == Format::Table && io::stderr().is_terminal() {
+            eprintln!("{message}");
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! A connection to grad: one HTTP/2 channel plus the caller's token, shared by
+//! every call. Cloning is cheap (the channel is a handle), so a program keeps
+//! one `Client` and never reconnects per call.
+
+use std::{error::Error as _, io, sync::Arc, time::Duration};
+
+use grad_proto::{
+    CreateRunnerRequest, DeleteRunnerRequest, ExecEvent, ExecuteCodeRequest, Execution,
+    GetRunnerRequest, ListExecutionsRequest, ListRunnersRequest, PauseRunnerRequest, Resources,
+    ResumeRunnerRequest, Runner, RunnerState, User, WaitRunnerRequest, WhoAmIRequest,
+    exec_client::ExecClient, runners_client::RunnersClient, users_client::UsersClient,
+};
+use tonic::{
+    Request, Status, Streaming,
+    metadata::AsciiMetadataValue,
+    transport::{Channel, Endpoint},
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Rich outputs (figures) can be large; tonic's 4 MiB default is too small.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// How long past the server's own wait deadline we wait for its answer.
+const WAIT_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid server URL '{url}': {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("cannot reach grad at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("the token cannot be sent in an authorization header (it must be printable ASCII)")]
+    InvalidToken,
+    /// grad's answer: its message is printed as is.
+    #[error("{}", status_message(.0))]
+    Status(Status),
+}
+
+impl From<Status> for ClientError {
+    fn from(status: Status) -> Self {
+        ClientError::Status(status)
+    }
+}
+
+impl ClientError {
+    /// The gRPC status, when grad answered with one.
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            ClientError::Status(status) => Some(status),
+            _ => None,
+        }
+    }
+}
+
+fn status_message(status: &Status) -> String {
+    if status.message().is_empty() {
+        format!("{:?}", status.code()).to_lowercase()
+    } else {
+        status.message().to_owned()
+    }
+}
+
+/// A connected grad client. See the module docs.
+#[derive(Clone)]
+pub struct Client {
+    channel: Channel,
+    authorization: AsciiMetadataValue,
+    server: Arc<str>,
+}
+
+impl std::fmt::Debug for Client {
+    // Never prints the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to `server` (`http://HOST:PORT`; a bare `HOST:PORT` means
+    /// http) now, so an unreachable server is reported here, naming the URL.
+    pub async fn connect(server: &str, token: &str) -> Result<Client, ClientError> {
+        let url = normalize_url(server)?;
+        let authorization = AsciiMetadataValue::try_from(format!("Bearer {}", token.trim()))
+            .map_err(|_| ClientError::InvalidToken)?;
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|error| ClientError::InvalidUrl {
+                url: server.to_owned(),
+                reason: deepest_message(&error),
+            })?
+            .tcp_nodelay(true)
+            .connect_timeout(CONNECT_TIMEOUT)
+            // Keeps a quiet, long execution's connection alive through NATs and proxies.
+            .http2_keep_alive_interval(KEEP_ALIVE)
+            .user_agent(concat!("gractl/", env!("CARGO_PKG_VERSION")))
+            .map_err(|_| ClientError::InvalidUrl {
+                url: server.to_owned(),
+                reason: "cannot build a user agent".into(),
+            })?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|error| ClientError::Connect {
+                url: url.clone(),
+                reason: connect_reason(&error),
+            })?;
+        Ok(Client {
+            channel,
+            authorization,
+            server: url.into(),
+        })
+    }
+
+    /// The URL this client talks to, normalized (`http://127.0.0.1:7070`).
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub async fn create_runner(
+        &self,
+        name: &str,
+        resources: Resources,
+    ) -> Result<Runner, ClientError> {
+        let request = CreateRunnerRequest {
+            name: name.to_owned(),
+            resources: Some(resources),
+        };
+        Ok(self
+            .runners()
+            .create_runner(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    pub async fn get_runner(&self, name: &str) -> Result<Runner, ClientError> {
+        let request = GetRunnerRequest {
+            name: name.to_owned(),
+        };
+        Ok(self
+            .runners()
+            .get_runner(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    /// The caller's runners, or everyone's with `all_users` (admins only).
+    pub async fn list_runners(&self, all_users: bool) -> Result<Vec<Runner>, ClientError> {
+        let request = ListRunnersRequest { all_users };
+        let response = self.runners().list_runners(self.request(request)).await?;
+        Ok(response.into_inner().runners)
+    }
+
+    pub async fn pause_runner(&self, name: &str) -> Result<Runner, ClientError> {
+        let request = PauseRunnerRequest {
+            name: name.to_owned(),
+        };
+        Ok(self
+            .runners()
+            .pause_runner(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    pub async fn resume_runner(&self, name: &str) -> Result<Runner, ClientError> {
+        let request = ResumeRunnerRequest {
+            name: name.to_owned(),
+        };
+        Ok(self
+            .runners()
+            .resume_runner(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    pub async fn delete_runner(&self, name: &str) -> Result<Runner, ClientError> {
+        let request = DeleteRunnerRequest {
+            name: name.to_owned(),
+        };
+        Ok(self
+            .runners()
+            .delete_runner(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until the runner reaches one of `states` or a terminal state
+    /// (FAILED, DELETED); past `timeout` grad answers DEADLINE_EXCEEDED.
+    pub async fn wait_runner(
+        &self,
+        name: &str,
+        states: &[RunnerState],
+        timeout: Duration,
+    ) -> Result<Runner, ClientError> {
+        let request = WaitRunnerRequest {
+            name: name.to_owned(),
+            states: states.iter().map(|state| *state as i32).collect(),
+            timeout_ms: millis(timeout),
+        };
+        let mut runners = self.runners();
+        let call = runners.wait_runner(self.request(request));
+        // grad enforces `timeout`; this only guards against a server that never answers.
+        match tokio::time::timeout(timeout.saturating_add(WAIT_GRACE), call).await {
+            Ok(response) => Ok(response?.into_inner()),
+            Err(_) => Err(ClientError::Status(Status::deadline_exceeded(format!(
+                "timed out after {}s waiting for runner {name}",
+                timeout.as_secs()
+            )))),
+        }
+    }
+
+    /// Starts code in the runner's interpreter; events arrive on the stream
+    /// as they happen and it ends with `finished`. Dropping the stream
+    /// interrupts the code.
+    pub async fn execute_code(
+        &self,
+        request: ExecuteCodeRequest,
+    ) -> Result<Streaming<ExecEvent>, ClientError> {
+        Ok(self
+            .exec()
+            .execute_code(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    /// The runner's most recent executions, newest first.
+    pub async fn list_executions(
+        &self,
+        runner: &str,
+        limit: u32,
+    ) -> Result<Vec<Execution>, ClientError> {
+        let request = ListExecutionsRequest {
+            runner: runner.to_owned(),
+            limit,
+        };
+        let response = self.exec().list_executions(self.request(request)).await?;
+        Ok(response.into_inner().executions)
+    }
+
+    /// Who the token says the caller is.
+    pub async fn whoami(&self) -> Result<User, ClientError> {
+        let mut users = UsersClient::new(self.channel.clone());
+        Ok(users
+            .who_am_i(self.request(WhoAmIRequest {}))
+            .await?
+            .into_inner())
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", self.authorization.clone());
+        request
+    }
+
+    fn runners(&self) -> RunnersClient<Channel> {
+        RunnersClient::new(self.channel.clone())
+    }
+
+    fn exec(&self) -> ExecClient<Channel> {
+        ExecClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+/// Milliseconds for the API's `uint32 timeout_ms`, saturating (about 49 days).
+pub fn millis(duration: Duration) -> u32 {
+    u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
+}
+
+fn normalize_url(server: &str) -> Result<String, ClientError> {
+    let server = server.trim().trim_end_matches('/');
+    let invalid = |reason: &str| ClientError::InvalidUrl {
+        url: server.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if server.is_empty() {
+        return Err(invalid("it is empty; expected http://HOST:PORT"));
+    }
+    match server.split_once("://") {
+        None => Ok(format!("http://{server}")),
+        Some(("http", _)) => Ok(server.to_owned()),
+        Some(("https", _)) => Err(invalid(
+            "https is not supported by this build of gractl; use http:// (for example behind a TLS-terminating proxy)",
+        )),
+        Some(_) => Err(invalid("expected http://HOST:PORT")),
+    }
+}
+
+/// A short, lowercase reason for a failed connect ("connection refused").
+fn connect_reason(error: &tonic::transport::Error) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = error.source();
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<io::Error>() {
+            return match io.kind() {
+                io::ErrorKind::ConnectionRefused => "connection refused".into(),
+                io::ErrorKind::TimedOut => "timed out".into(),
+                io::ErrorKind::ConnectionReset => "connection reset".into(),
+                io::ErrorKind::AddrNotAvailable => "address not available".into(),
+                _ => strip_os_error(&io.to_string()),
+            };
+        }
+        cause = current.source();
+    }
+    deepest_message(error)
+}
+
+fn deepest_message(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut deepest = error;
+    while let Some(source) = deepest.source() {
+        deepest = source;
+    }
+    strip_os_error(&deepest.to_string())
+}
+
+fn strip_os_error(message: &str) -> String {
+    let message = match message.find(" (os error") {
+        Some(at) => &message[..at],
+        None => message,
+    };
+    let mut chars = message.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_host_and_port_means_http() {
+        assert_eq!(
+            normalize_url("127.0.0.1:7070").ok(),
+            Some("http://127.0.0.1:7070".to_owned())
+        );
+        assert_eq!(
+            normalize_url("http://localhost:7070/").ok(),
+            Some("http://localhost:7070".to_owned())
+        );
+        assert!(normalize_url("ftp://x").is_err());
+        assert!(normalize_url("https://x").is_err());
+        assert!(normalize_url("").is_err());
+    }
+
+    #[test]
+    fn os_error_numbers_are_left_out_of_reasons() {
+        assert_eq!(
+            strip_os_error("Connection refused (os error 111)"),
+            "connection refused"
+        );
+    }
+
+    #[tokio::test]
+    async fn connecting_to_a_closed_port_names_the_url_and_says_refused() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        let error = Client::connect(&format!("127.0.0.1:{port}"), "t")
+            .await
+            .expect_err("nothing listens there");
+        assert_eq!(
+            error.to_string(),
+            format!("cannot reach grad at http://127.0.0.1:{port}: connection refused")
+        );
+    }
+}

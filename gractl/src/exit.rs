@@ -1,0 +1,264 @@
+//! Exit codes: one per failure class, decided in one place so scripts and
+//! agents can branch on them. `HELP` is what `gractl --help` shows.
+
+use std::{io, process::ExitCode};
+
+use crate::{client::ClientError, config::ConfigError, output::Format};
+
+/// Shown under `gractl --help`; keep it in step with [`Code`].
+pub const HELP: &str = "\
+Exit codes:
+    0  success
+    1  internal or unexpected error
+    2  usage: a bad flag, argument or config file, or the server rejected an argument
+    3  auth: not logged in, invalid or expired token, permission denied
+    4  not found
+    5  precondition: wrong state, already exists, runner failed while waiting,
+       file already exists
+    6  unavailable: cannot reach grad, or the runner could not run the code
+       (execution status \"failed\": no interpreter, interpreter died)
+    7  timeout: --timeout or a --wait deadline passed
+    8  the executed code raised an exception (execution status \"error\")
+  130  interrupted (Ctrl-C, or the execution was cancelled)
+
+Errors go to stderr as `error: MESSAGE`, or with -o json/ndjson as
+{\"error\":{\"code\":\"not_found\",\"message\":\"...\"}}.
+
+Environment: GRAD_SERVER (server URL), GRAD_TOKEN (token; overrides the one
+stored by `gractl login`), GRACTL_CONFIG (credentials file), GRAD_WORKSPACE
+(workspace directory).";
+
+/// A class of failure, with its exit code as the discriminant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Code {
+    Internal = 1,
+    Usage = 2,
+    Auth = 3,
+    NotFound = 4,
+    Precondition = 5,
+    Unavailable = 6,
+    Timeout = 7,
+    CodeRaised = 8,
+    Interrupted = 130,
+}
+
+impl Code {
+    /// The stable name used in `{"error":{"code":...}}`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Code::Internal => "internal",
+            Code::Usage => "usage",
+            Code::Auth => "auth",
+            Code::NotFound => "not_found",
+            Code::Precondition => "precondition",
+            Code::Unavailable => "unavailable",
+            Code::Timeout => "timeout",
+            Code::CodeRaised => "code_raised",
+            Code::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn exit_code(self) -> ExitCode {
+        ExitCode::from(self as u8)
+    }
+
+    /// The class of a gRPC status from grad.
+    pub fn from_status(code: tonic::Code) -> Code {
+        use tonic::Code as C;
+        match code {
+            C::InvalidArgument | C::OutOfRange => Code::Usage,
+            C::Unauthenticated | C::PermissionDenied => Code::Auth,
+            C::NotFound => Code::NotFound,
+            C::FailedPrecondition | C::AlreadyExists | C::Aborted | C::ResourceExhausted => {
+                Code::Precondition
+            }
+            C::Unavailable => Code::Unavailable,
+            C::DeadlineExceeded => Code::Timeout,
+            C::Cancelled => Code::Interrupted,
+            C::Ok | C::Unknown | C::Unimplemented | C::Internal | C::DataLoss => Code::Internal,
+        }
+    }
+
+    pub fn from_client_error(error: &ClientError) -> Code {
+        match error {
+            ClientError::InvalidUrl { .. } => Code::Usage,
+            ClientError::Connect { .. } => Code::Unavailable,
+            ClientError::InvalidToken => Code::Auth,
+            ClientError::Status(status) => Code::from_status(status.code()),
+        }
+    }
+
+    pub fn from_config_error(error: &ConfigError) -> Code {
+        match error {
+            ConfigError::Invalid { .. }
+            | ConfigError::NotAWorkspace { .. }
+            | ConfigError::NoServer
+            | ConfigError::NoRunner => Code::Usage,
+            ConfigError::NotLoggedIn => Code::Auth,
+            ConfigError::Exists { .. } => Code::Precondition,
+            ConfigError::Read { .. } | ConfigError::Write { .. } => Code::Internal,
+        }
+    }
+
+    /// The class of any error a command returns: the first error in the chain
+    /// that knows its class wins; anything else is internal.
+    pub fn of(error: &anyhow::Error) -> Code {
+        for cause in error.chain() {
+            if let Some(failure) = cause.downcast_ref::<Failure>() {
+                return failure.code;
+            }
+            if let Some(error) = cause.downcast_ref::<ClientError>() {
+                return Code::from_client_error(error);
+            }
+            if let Some(error) = cause.downcast_ref::<ConfigError>() {
+                return Code::from_config_error(error);
+            }
+            if let Some(status) = cause.downcast_ref::<tonic::Status>() {
+                return Code::from_status(status.code());
+            }
+        }
+        Code::Internal
+    }
+}
+
+/// A failure whose class the command decided itself (a runner that ended
+/// FAILED while waiting, user code that raised, a file given on the command
+/// line that cannot be read). `quiet` failures were already reported on the
+/// output (a traceback, a JSON document) and only set the exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    pub code: Code,
+    pub message: String,
+    pub quiet: bool,
+}
+
+impl Failure {
+    pub fn new(code: Code, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+            quiet: false,
+        }
+    }
+
+    pub fn quiet(code: Code) -> Failure {
+        Failure {
+            code,
+            message: String::new(),
+            quiet: true,
+        }
+    }
+}
+
+/// Prints `error` to stderr in the shape `format` asks for and returns the
+/// exit code for its class.
+pub fn report(error: &anyhow::Error, format: Format) -> ExitCode {
+    // A closed pipe (`gractl runner list | head -1`) is the reader's choice, not a failure.
+    let broken_pipe = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    });
+    if broken_pipe {
+        return ExitCode::SUCCESS;
+    }
+    let code = Code::of(error);
+    let quiet = error
+        .chain()
+        .any(|cause| cause.downcast_ref::<Failure>().is_some_and(|f| f.quiet));
+    if !quiet {
+        let message = format!("{error:#}");
+        match format {
+            Format::Table => eprintln!("error: {message}"),
+            Format::Json | Format::Ndjson => {
+                let document = serde_json::json!({
+                    "error": { "code": code.name(), "message": message }
+                });
+                eprintln!("{document}");
+            }
+        }
+    }
+    code.exit_code()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_grpc_code_maps_to_its_documented_exit_code() {
+        use tonic::Code as C;
+        let expected = [
+            (C::InvalidArgument, 2),
+            (C::Unauthenticated, 3),
+            (C::PermissionDenied, 3),
+            (C::NotFound, 4),
+            (C::FailedPrecondition, 5),
+            (C::AlreadyExists, 5),
+            (C::Aborted, 5),
+            (C::Unavailable, 6),
+            (C::DeadlineExceeded, 7),
+            (C::Cancelled, 130),
+            (C::Internal, 1),
+            (C::Unknown, 1),
+            (C::Unimplemented, 1),
+        ];
+        for (status, exit) in expected {
+            assert_eq!(Code::from_status(status) as u8, exit, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn a_status_inside_a_client_error_keeps_its_class_through_context() {
+        let error = anyhow::Error::from(ClientError::from(tonic::Status::not_found(
+            "runner \"x\" not found",
+        )))
+        .context("getting runner x");
+        assert_eq!(Code::of(&error), Code::NotFound);
+        assert_eq!(Code::of(&error).name(), "not_found");
+    }
+
+    #[test]
+    fn an_unreachable_server_is_unavailable_and_a_bad_url_is_usage() {
+        let connect = anyhow::Error::from(ClientError::Connect {
+            url: "http://127.0.0.1:1".into(),
+            reason: "connection refused".into(),
+        });
+        assert_eq!(Code::of(&connect), Code::Unavailable);
+        let url = anyhow::Error::from(ClientError::InvalidUrl {
+            url: "::".into(),
+            reason: "invalid authority".into(),
+        });
+        assert_eq!(Code::of(&url), Code::Usage);
+    }
+
+    #[test]
+    fn missing_credentials_are_an_auth_failure() {
+        assert_eq!(Code::of(&ConfigError::NotLoggedIn.into()), Code::Auth);
+    }
+
+    #[test]
+    fn unclassified_errors_are_internal() {
+        assert_eq!(Code::of(&anyhow::anyhow!("boom")), Code::Internal);
+    }
+
+    #[test]
+    fn help_lists_every_exit_code() {
+        for code in [
+            Code::Internal,
+            Code::Usage,
+            Code::Auth,
+            Code::NotFound,
+            Code::Precondition,
+            Code::Unavailable,
+            Code::Timeout,
+            Code::CodeRaised,
+            Code::Interrupted,
+        ] {
+            let line = format!("{:>5}  ", code as u8);
+            assert!(HELP.contains(&line), "{code:?} missing from HELP");
+        }
+    }
+}

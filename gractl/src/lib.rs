@@ -1,0 +1,17 @@
+//! gractl, the CLI for grad: people and AI agents create runners, run code in
+//! them and read the results from here (see `ARCHITECTURE.md`, "gractl").
+//!
+//! The library holds everything so tests and benchmarks can drive it:
+//! [`client`] (one gRPC connection to grad), [`config`] (login credentials and
+//! workspace `config.yaml`), [`quantity`] (CPU, sizes, durations as typed),
+//! [`output`] (the JSON contract and human tables), [`exit`] (exit codes) and
+//! [`cli`] (the commands). `main.rs` only parses, runs and reports.
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod exit;
+pub mod output;
+pub mod quantity;
+
+pub use client::{Client, ClientError};

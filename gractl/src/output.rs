@@ -1,0 +1,461 @@
+//! What gractl prints: the serde types behind `-o json`/`-o ndjson` (one
+//! module, so the machine-readable contract is in one place) and the small
+//! helpers for human output (aligned tables, `key: value` lines, ages).
+
+use std::{
+    collections::BTreeMap,
+    io::{self, Write},
+    time::{Duration, SystemTime},
+};
+
+use grad_proto as proto;
+use serde::Serialize;
+
+use crate::quantity::{Cpu, Size};
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    // Aligned text for people.
+    #[default]
+    Table,
+    // One JSON document at the end.
+    Json,
+    // One JSON object per line, as events happen.
+    Ndjson,
+}
+
+/// Writes `value` as one line of JSON.
+pub fn write_json(out: &mut impl Write, value: &impl Serialize) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, value).map_err(io::Error::other)?;
+    out.write_all(b"\n")
+}
+
+/// `RUNNER_STATE_READY` → `ready`.
+pub fn runner_state(state: proto::RunnerState) -> String {
+    state
+        .as_str_name()
+        .trim_start_matches("RUNNER_STATE_")
+        .to_lowercase()
+}
+
+/// `EXEC_STATUS_OK` → `ok`.
+pub fn exec_status(status: proto::ExecStatus) -> String {
+    status
+        .as_str_name()
+        .trim_start_matches("EXEC_STATUS_")
+        .to_lowercase()
+}
+
+fn rfc3339(timestamp: Option<&prost_types::Timestamp>) -> Option<String> {
+    timestamp.map(ToString::to_string)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Runner {
+    pub name: String,
+    pub owner: String,
+    /// Lowercase: `pending`, `ready`, `paused`, `failed`, ...
+    pub state: String,
+    /// Why the runner is in its state (set for `failed`).
+    pub reason: String,
+    /// Cores: `2`, `500m`.
+    pub cpu: String,
+    /// `4Gi`, `512Mi`, `1G`, or bytes.
+    pub memory: String,
+    pub storage: String,
+    pub gpus: u32,
+    pub backend: String,
+    pub workspace: String,
+    pub connected: bool,
+    /// RFC 3339.
+    pub created: Option<String>,
+}
+
+impl From<&proto::Runner> for Runner {
+    fn from(runner: &proto::Runner) -> Self {
+        let resources = runner.resources.unwrap_or_default();
+        Runner {
+            name: runner.name.clone(),
+            owner: runner.owner.clone(),
+            state: runner_state(runner.state()),
+            reason: runner.reason.clone(),
+            cpu: Cpu(resources.cpu_millis).to_string(),
+            memory: Size(resources.memory_bytes).to_string(),
+            storage: Size(resources.storage_bytes).to_string(),
+            gpus: resources.gpus,
+            backend: runner.backend.clone(),
+            workspace: runner.workspace.clone(),
+            connected: runner.connected,
+            created: rfc3339(runner.create_time.as_ref()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunnerList {
+    pub runners: Vec<Runner>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct User {
+    pub name: String,
+    /// `admin` or `user`.
+    pub role: String,
+    /// `free` or `pro`.
+    pub plan: String,
+}
+
+impl From<&proto::User> for User {
+    fn from(user: &proto::User) -> Self {
+        User {
+            name: user.name.clone(),
+            role: user.role.clone(),
+            plan: user.plan.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Whoami {
+    pub server: String,
+    #[serde(flatten)]
+    pub user: User,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Login {
+    pub server: String,
+    /// The file the credentials were written to.
+    pub config: String,
+    pub user: User,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Execution {
+    pub id: String,
+    pub runner: String,
+    pub session: String,
+    pub status: String,
+    pub execution_count: u32,
+    pub duration_ms: f64,
+    /// RFC 3339.
+    pub started: Option<String>,
+    pub code: String,
+}
+
+impl From<&proto::Execution> for Execution {
+    fn from(execution: &proto::Execution) -> Self {
+        Execution {
+            id: execution.id.clone(),
+            runner: execution.runner.clone(),
+            session: execution.session.clone(),
+            status: exec_status(execution.status()),
+            execution_count: execution.execution_count,
+            duration_ms: duration_ms(execution.duration_us),
+            started: rfc3339(execution.start_time.as_ref()),
+            code: execution.code.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExecutionList {
+    pub executions: Vec<Execution>,
+}
+
+pub fn duration_ms(micros: u64) -> f64 {
+    // Exact for any duration below 2^53 µs (285 years).
+    micros as f64 / 1000.0
+}
+
+/// One rich output (Jupyter display data or the cell's result).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Display {
+    /// MIME type → content (`image/png` is base64, `application/json` JSON text).
+    pub data: BTreeMap<String, String>,
+    pub is_result: bool,
+    /// Files the runner wrote for this output, relative to its workspace.
+    pub files: Vec<String>,
+}
+
+impl From<&proto::DisplayData> for Display {
+    fn from(display: &proto::DisplayData) -> Self {
+        Display {
+            data: display
+                .data
+                .iter()
+                .map(|(mime, content)| (mime.clone(), content.clone()))
+                .collect(),
+            is_result: display.is_result,
+            files: display.files.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExecError {
+    pub ename: String,
+    pub evalue: String,
+    pub traceback: Vec<String>,
+}
+
+impl From<&proto::ExecError> for ExecError {
+    fn from(error: &proto::ExecError) -> Self {
+        ExecError {
+            ename: error.ename.clone(),
+            evalue: error.evalue.clone(),
+            traceback: error.traceback.clone(),
+        }
+    }
+}
+
+/// `-o json` for `execute-code`: everything that happened, once it ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExecResult {
+    pub execution_id: String,
+    pub runner: String,
+    pub session: String,
+    /// `ok`, `error`, `timeout`, `cancelled` or `failed`.
+    pub status: String,
+    pub execution_count: u32,
+    pub duration_ms: f64,
+    pub stdout: String,
+    pub stderr: String,
+    pub outputs: Vec<Display>,
+    pub error: Option<ExecError>,
+    /// Why, for `timeout`, `cancelled` and `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `-o ndjson` for `execute-code`: one line per event, as it arrives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ExecEvent {
+    Started {
+        execution_id: String,
+        runner: String,
+        session: String,
+    },
+    Stream {
+        /// `stdout` or `stderr`.
+        name: String,
+        text: String,
+    },
+    Display(Display),
+    Error(ExecError),
+    Finished {
+        status: String,
+        execution_count: u32,
+        duration_ms: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkspaceInit {
+    pub path: String,
+    pub config: String,
+    /// Directories that did not exist before.
+    pub created: Vec<String>,
+}
+
+/// Column-aligned rows; the last column is not padded.
+#[derive(Debug, Clone, Default)]
+pub struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Table {
+        Table {
+            rows: vec![header.iter().map(|cell| (*cell).to_owned()).collect()],
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn write(&self, out: &mut impl Write) -> io::Result<()> {
+        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..columns)
+            .map(|column| {
+                self.rows
+                    .iter()
+                    .filter_map(|row| row.get(column))
+                    .map(|cell| cell.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        for row in &self.rows {
+            let mut line = String::new();
+            for (column, cell) in row.iter().enumerate() {
+                if column + 1 < row.len() {
+                    let padding = widths[column] - cell.chars().count();
+                    line.push_str(cell);
+                    line.extend(std::iter::repeat_n(' ', padding + 3));
+                } else {
+                    line.push_str(cell);
+                }
+            }
+            writeln!(out, "{}", line.trim_end())?;
+        }
+        Ok(())
+    }
+}
+
+/// `key: value` lines with the values aligned.
+pub fn write_fields(out: &mut impl Write, fields: &[(&str, String)]) -> io::Result<()> {
+    let width = fields.iter().map(|(key, _)| key.len()).max().unwrap_or(0);
+    for (key, value) in fields {
+        writeln!(
+            out,
+            "{:width$}  {value}",
+            format!("{key}:"),
+            width = width + 1
+        )?;
+    }
+    Ok(())
+}
+
+/// How long ago `timestamp` was, in its largest whole unit: `5s`, `3m`, `2h`, `4d`.
+pub fn age(timestamp: Option<&prost_types::Timestamp>, now: SystemTime) -> String {
+    let Some(then) = timestamp.and_then(|t| SystemTime::try_from(*t).ok()) else {
+        return "-".into();
+    };
+    let seconds = now.duration_since(then).unwrap_or(Duration::ZERO).as_secs();
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m", seconds / 60),
+        3600..86400 => format!("{}h", seconds / 3600),
+        _ => format!("{}d", seconds / 86400),
+    }
+}
+
+/// A run time for people: `850µs`, `12.3ms`, `2.5s`, `3m10s`.
+pub fn duration(micros: u64) -> String {
+    match micros {
+        0..1000 => format!("{micros}µs"),
+        1000..10_000 => format!("{:.1}ms", micros as f64 / 1000.0),
+        10_000..1_000_000 => format!("{}ms", micros / 1000),
+        1_000_000..60_000_000 => format!("{:.1}s", micros as f64 / 1e6),
+        _ => {
+            let seconds = micros / 1_000_000;
+            format!("{}m{}s", seconds / 60, seconds % 60)
+        }
+    }
+}
+
+/// The first line of `text`, cut to `max` characters; `…` marks anything left out.
+pub fn first_line(text: &str, max: usize) -> String {
+    let text = text.trim_start();
+    let line = text.lines().next().unwrap_or("");
+    let more = line.len() < text.trim_end().len();
+    if line.chars().count() > max {
+        let cut: String = line.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    } else if more {
+        format!("{line} …")
+    } else {
+        line.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns_and_leave_the_last_unpadded() {
+        let mut table = Table::new(&["NAME", "STATE", "AGE"]);
+        table.row(vec!["a".into(), "READY".into(), "5s".into()]);
+        table.row(vec!["longer-name".into(), "PAUSED".into(), "3m".into()]);
+        let mut out = Vec::new();
+        table.write(&mut out).expect("write");
+        assert_eq!(
+            String::from_utf8(out).expect("utf8"),
+            "NAME          STATE    AGE\n\
+             a             READY    5s\n\
+             longer-name   PAUSED   3m\n"
+        );
+    }
+
+    #[test]
+    fn fields_align_their_values() {
+        let mut out = Vec::new();
+        write_fields(&mut out, &[("name", "a".into()), ("state", "READY".into())]).expect("write");
+        assert_eq!(
+            String::from_utf8(out).expect("utf8"),
+            "name:   a\nstate:  READY\n"
+        );
+    }
+
+    #[test]
+    fn ages_use_the_largest_whole_unit() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let ago = |seconds: i64| {
+            let timestamp = prost_types::Timestamp {
+                seconds: 1_000_000 - seconds,
+                nanos: 0,
+            };
+            age(Some(&timestamp), now)
+        };
+        assert_eq!(ago(5), "5s");
+        assert_eq!(ago(200), "3m");
+        assert_eq!(ago(7300), "2h");
+        assert_eq!(ago(4 * 86400 + 5), "4d");
+        assert_eq!(ago(-30), "0s");
+        assert_eq!(age(None, now), "-");
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration(850), "850µs");
+        assert_eq!(duration(1234), "1.2ms");
+        assert_eq!(duration(45_000), "45ms");
+        assert_eq!(duration(2_500_000), "2.5s");
+        assert_eq!(duration(190_000_000), "3m10s");
+    }
+
+    #[test]
+    fn code_is_shown_by_its_first_line() {
+        assert_eq!(first_line("print(1)", 20), "print(1)");
+        assert_eq!(first_line("\nimport os\nprint(1)\n", 20), "import os …");
+        assert_eq!(
+            first_line("x = 'a very long line of code'", 10),
+            "x = 'a ve…"
+        );
+    }
+
+    #[test]
+    fn runner_states_and_statuses_are_lowercase_words() {
+        assert_eq!(runner_state(proto::RunnerState::Ready), "ready");
+        assert_eq!(exec_status(proto::ExecStatus::Timeout), "timeout");
+    }
+
+    #[test]
+    fn ndjson_events_are_tagged_by_event() {
+        let event = ExecEvent::Finished {
+            status: "ok".into(),
+            execution_count: 3,
+            duration_ms: 1.2,
+            message: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&event).expect("json"),
+            r#"{"event":"finished","status":"ok","execution_count":3,"duration_ms":1.2}"#
+        );
+        let event = ExecEvent::Stream {
+            name: "stdout".into(),
+            text: "hi\n".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&event).expect("json"),
+            r#"{"event":"stream","name":"stdout","text":"hi\n"}"#
+        );
+    }
+}

@@ -139,7 +139,9 @@ impl RunnersRpc for Api {
             match pb::RunnerState::try_from(*s) {
                 Ok(pb::RunnerState::Deleted) => want_deleted = true,
                 Ok(pb::RunnerState::Unspecified) | Err(_) => {
-                    return Err(Status::invalid_argument(format!("states: unknown state {s}")));
+                    return Err(Status::invalid_argument(format!(
+                        "states: unknown state {s}"
+                    )));
                 }
                 Ok(pb) => states.extend(
                     [

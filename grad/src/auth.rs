@@ -190,7 +190,9 @@ impl Keys {
                 .ok()
                 .and_then(|h| h.strip_prefix("Bearer "))
                 .ok_or_else(|| {
-                    Status::unauthenticated("malformed authorization header: expected 'Bearer <token>'")
+                    Status::unauthenticated(
+                        "malformed authorization header: expected 'Bearer <token>'",
+                    )
                 })?;
             let caller = keys.verify(token.trim())?;
             req.extensions_mut().insert(caller);
@@ -264,7 +266,10 @@ mod tests {
         let keys = Keys::from_secret(&[7; 32]);
         let token = keys.issue_runner("r-id", "tok-1").unwrap();
         match keys.verify(&token).unwrap() {
-            Caller::Runner { runner_id, token_id } => {
+            Caller::Runner {
+                runner_id,
+                token_id,
+            } => {
                 assert_eq!((runner_id.as_str(), token_id.as_str()), ("r-id", "tok-1"))
             }
             other => panic!("{other:?}"),

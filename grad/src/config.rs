@@ -6,7 +6,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "grad", version, about = "grad: the control plane for remote runners")]
+#[command(
+    name = "grad",
+    version,
+    about = "grad: the control plane for remote runners"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -43,7 +47,10 @@ pub struct Store {
 impl Store {
     pub fn database_url(&self) -> String {
         self.database_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}?mode=rwc", self.data_dir.join("grad.db").display())
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("grad.db").display()
+            )
         })
     }
 }

@@ -54,11 +54,17 @@ fn validate(req: &mut Request) -> Result<()> {
         Ok(_) => Err(Error::InvalidArgument(
             "params_json must be a JSON object".into(),
         )),
-        Err(e) => Err(Error::InvalidArgument(format!("params_json is not JSON: {e}"))),
+        Err(e) => Err(Error::InvalidArgument(format!(
+            "params_json is not JSON: {e}"
+        ))),
     }
 }
 
-pub async fn execute(runners: &Arc<Runners>, caller: &UserCaller, mut req: Request) -> Result<Events> {
+pub async fn execute(
+    runners: &Arc<Runners>,
+    caller: &UserCaller,
+    mut req: Request,
+) -> Result<Events> {
     validate(&mut req)?;
     let mut runner = runners.resolve(caller, &req.runner).await?;
     if matches!(
@@ -71,7 +77,10 @@ pub async fn execute(runners: &Arc<Runners>, caller: &UserCaller, mut req: Reque
         {
             Waited::Runner(r) => r,
             Waited::Deleted { .. } => {
-                return Err(Error::NotFound(format!("runner '{}' not found", req.runner)));
+                return Err(Error::NotFound(format!(
+                    "runner '{}' not found",
+                    req.runner
+                )));
             }
         };
     }

@@ -194,7 +194,11 @@ impl Runners {
         let not_found = || Error::NotFound(format!("runner '{name}' not found"));
         let (owner_id, short) = match name.split_once('/') {
             Some((owner, short)) if caller.is_admin() => {
-                let owner = self.store.user_by_name(owner).await?.ok_or_else(not_found)?;
+                let owner = self
+                    .store
+                    .user_by_name(owner)
+                    .await?
+                    .ok_or_else(not_found)?;
                 (owner.id, short)
             }
             Some(_) => return Err(not_found()),
@@ -494,7 +498,9 @@ impl Runners {
         }
         tracing::warn!(runner = %runner.name, %reason, "runner failed");
         self.agents.close(id);
-        self.store.set_runner_state(id, State::Failed, &reason).await?;
+        self.store
+            .set_runner_state(id, State::Failed, &reason)
+            .await?;
         self.bump();
         if let Err(e) = self.backend.stop(&runner).await {
             tracing::warn!(runner = %runner.name, error = %e, "stopping a failed runner");
@@ -528,9 +534,12 @@ impl Runners {
                 }
                 Ok(runner)
             }
-            State::Pausing | State::Paused | State::Deleting => Err(Error::FailedPrecondition(
-                format!("runner {} is {}; not accepting its agent", runner.name, runner.state),
-            )),
+            State::Pausing | State::Paused | State::Deleting => {
+                Err(Error::FailedPrecondition(format!(
+                    "runner {} is {}; not accepting its agent",
+                    runner.name, runner.state
+                )))
+            }
         }
     }
 
@@ -648,18 +657,18 @@ impl Runners {
             let guard = self.lock_runner(&runner.id).await;
             let id = runner.id.clone();
             match runner.state {
-                State::Pending => self.spawn_with(guard, id, |t, id| async move {
-                    t.start(&id).await
-                }),
+                State::Pending => {
+                    self.spawn_with(guard, id, |t, id| async move { t.start(&id).await })
+                }
                 State::Resuming if !self.backend.alive(&runner) => {
                     self.spawn_with(guard, id, |t, id| async move { t.start(&id).await })
                 }
-                State::Pausing => self.spawn_with(guard, id, |t, id| async move {
-                    t.stop(&id).await
-                }),
-                State::Deleting => self.spawn_with(guard, id, |t, id| async move {
-                    t.remove(&id).await
-                }),
+                State::Pausing => {
+                    self.spawn_with(guard, id, |t, id| async move { t.stop(&id).await })
+                }
+                State::Deleting => {
+                    self.spawn_with(guard, id, |t, id| async move { t.remove(&id).await })
+                }
                 State::Starting | State::Ready if !self.backend.alive(&runner) => {
                     drop(guard);
                     self.fail(
@@ -703,17 +712,30 @@ mod tests {
             storage_bytes: 0,
             gpus: 0,
         };
-        assert_eq!(validate_resources(zero, Plan::Free).unwrap(), DEFAULT_RESOURCES);
+        assert_eq!(
+            validate_resources(zero, Plan::Free).unwrap(),
+            DEFAULT_RESOURCES
+        );
     }
 
     #[test]
     fn resources_out_of_range_are_refused_with_the_limits() {
         let mut r = DEFAULT_RESOURCES;
         r.cpu_millis = 50;
-        assert!(validate_resources(r, Plan::Pro).unwrap_err().to_string().contains("100m"));
+        assert!(
+            validate_resources(r, Plan::Pro)
+                .unwrap_err()
+                .to_string()
+                .contains("100m")
+        );
         let mut r = DEFAULT_RESOURCES;
         r.memory_bytes = 1 << 40;
-        assert!(validate_resources(r, Plan::Pro).unwrap_err().to_string().contains("512Gi"));
+        assert!(
+            validate_resources(r, Plan::Pro)
+                .unwrap_err()
+                .to_string()
+                .contains("512Gi")
+        );
     }
 
     #[test]

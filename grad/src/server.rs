@@ -41,7 +41,10 @@ pub async fn open(data_dir: &Path, database_url: &str) -> Result<(Store, Keys)> 
         .recursive(true)
         .mode(0o700)
         .create(data_dir)
-        .map_err(Error::io(format!("creating data dir {}", data_dir.display())))?;
+        .map_err(Error::io(format!(
+            "creating data dir {}",
+            data_dir.display()
+        )))?;
     let store = Store::connect(database_url).await?;
     let keys = Keys::load_or_create(&data_dir.join("jwt.key"))?;
     Ok((store, keys))
@@ -75,7 +78,11 @@ fn default_runner_bin() -> PathBuf {
 /// Serves on an already-bound listener until `shutdown` is cancelled, then
 /// drains: health NOT_SERVING, agent streams closed, tasks joined with a
 /// deadline. Runner processes are left running; they reconnect to the next grad.
-pub async fn serve(listener: TcpListener, config: &Config, shutdown: CancellationToken) -> Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let (store, keys) = open(&config.store.data_dir, &config.store.database_url()).await?;
     // Runners work in their own directories: hand them absolute paths.
     let data_dir = absolute(&config.store.data_dir)?;
@@ -154,12 +161,10 @@ pub async fn serve(listener: TcpListener, config: &Config, shutdown: Cancellatio
         .add_service(RunnersServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(ExecServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(UsersServer::with_interceptor(api.clone(), auth.clone()))
-        .add_service(
-            tonic::service::interceptor::InterceptedService::new(
-                RunnerAgentServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-                auth.clone(),
-            ),
-        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            RunnerAgentServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            auth.clone(),
+        ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             reflection, auth,
         ));

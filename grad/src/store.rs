@@ -236,9 +236,9 @@ impl Store {
         .await;
         match inserted {
             Ok(_) => Ok(user),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(
-                Error::AlreadyExists(format!("user '{name}' already exists")),
-            ),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(Error::AlreadyExists(
+                format!("user '{name}' already exists"),
+            )),
             Err(e) => Err(e.into()),
         }
     }
@@ -286,9 +286,9 @@ impl Store {
         .await;
         match inserted {
             Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(
-                Error::AlreadyExists(format!("runner '{}' already exists", runner.name)),
-            ),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(Error::AlreadyExists(
+                format!("runner '{}' already exists", runner.name),
+            )),
             Err(e) => Err(e.into()),
         }
     }
@@ -467,8 +467,14 @@ mod tests {
     #[tokio::test]
     async fn runner_names_are_unique_per_owner_not_globally() {
         let (_dir, store) = temp_store().await;
-        let alice = store.insert_user("alice", Role::User, Plan::Free).await.unwrap();
-        let bob = store.insert_user("bob", Role::User, Plan::Free).await.unwrap();
+        let alice = store
+            .insert_user("alice", Role::User, Plan::Free)
+            .await
+            .unwrap();
+        let bob = store
+            .insert_user("bob", Role::User, Plan::Free)
+            .await
+            .unwrap();
         store.insert_runner(&runner(&alice, "r1")).await.unwrap();
         store.insert_runner(&runner(&bob, "r1")).await.unwrap();
         let again = store.insert_runner(&runner(&alice, "r1")).await;
@@ -480,12 +486,22 @@ mod tests {
     #[tokio::test]
     async fn runner_state_round_trips_through_the_database() {
         let (_dir, store) = temp_store().await;
-        let alice = store.insert_user("alice", Role::Admin, Plan::Pro).await.unwrap();
+        let alice = store
+            .insert_user("alice", Role::Admin, Plan::Pro)
+            .await
+            .unwrap();
         let r = runner(&alice, "r1");
         store.insert_runner(&r).await.unwrap();
-        store.set_runner_state(&r.id, State::Failed, "process exited").await.unwrap();
+        store
+            .set_runner_state(&r.id, State::Failed, "process exited")
+            .await
+            .unwrap();
         store.set_runner_pid(&r.id, Some(42)).await.unwrap();
-        let back = store.runner_by_name(&alice.id, "r1").await.unwrap().unwrap();
+        let back = store
+            .runner_by_name(&alice.id, "r1")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(back.state, State::Failed);
         assert_eq!(back.reason, "process exited");
         assert_eq!(back.pid, Some(42));
@@ -498,7 +514,10 @@ mod tests {
     #[tokio::test]
     async fn duplicate_user_names_are_refused() {
         let (_dir, store) = temp_store().await;
-        store.insert_user("alice", Role::User, Plan::Free).await.unwrap();
+        store
+            .insert_user("alice", Role::User, Plan::Free)
+            .await
+            .unwrap();
         let again = store.insert_user("alice", Role::User, Plan::Pro).await;
         assert!(matches!(again, Err(Error::AlreadyExists(_))));
     }

@@ -7,9 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use gractl::client::Client;
 use grad_proto::{ExecuteCodeRequest, Resources, RunnerState, exec_event::Event};
 use grad_tests::Grad;
-use gractl::client::Client;
 
 struct Stats {
     p50: f64,
@@ -46,7 +46,10 @@ async fn execute(client: &Client, code: &str) -> anyhow::Result<()> {
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -68,7 +71,11 @@ async fn main() -> anyhow::Result<()> {
             .wait_runner("bench", &[RunnerState::Ready], Duration::from_secs(30))
             .await?;
         create.push(t.elapsed());
-        anyhow::ensure!(r.state() == RunnerState::Ready, "runner failed: {}", r.reason);
+        anyhow::ensure!(
+            r.state() == RunnerState::Ready,
+            "runner failed: {}",
+            r.reason
+        );
         client.delete_runner("bench").await?;
         client
             .wait_runner("bench", &[RunnerState::Deleted], Duration::from_secs(30))
@@ -101,7 +108,11 @@ async fn main() -> anyhow::Result<()> {
             .args(["execute-code", "-r", "bench", "--code", "1+1"])
             .output()?;
         let took = t.elapsed();
-        anyhow::ensure!(out.status.success(), "gractl: {}", String::from_utf8_lossy(&out.stderr));
+        anyhow::ensure!(
+            out.status.success(),
+            "gractl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         if i >= 10 {
             process.push(took);
         }
@@ -122,7 +133,12 @@ async fn main() -> anyhow::Result<()> {
     let secs = |key: &str| -> Vec<Duration> {
         jupyter[key]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_f64()).map(Duration::from_secs_f64).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_f64())
+                    .map(Duration::from_secs_f64)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let jupyter_exec = stats(&secs("execute"));
@@ -142,9 +158,21 @@ async fn main() -> anyhow::Result<()> {
             s.p50 / base.p50
         );
     };
-    row("execute-code `1+1`, gractl client library", &library, &jupyter_exec);
-    row("execute-code `1+1`, whole `gractl` process", &process, &jupyter_exec);
-    row("Jupyter kernel execute `1+1` (jupyter_client, in-library)", &jupyter_exec, &jupyter_exec);
+    row(
+        "execute-code `1+1`, gractl client library",
+        &library,
+        &jupyter_exec,
+    );
+    row(
+        "execute-code `1+1`, whole `gractl` process",
+        &process,
+        &jupyter_exec,
+    );
+    row(
+        "Jupyter kernel execute `1+1` (jupyter_client, in-library)",
+        &jupyter_exec,
+        &jupyter_exec,
+    );
     println!();
     println!("| start | n | p50 ms | p99 ms | p50 vs Jupyter kernel start |");
     println!("|---|---|---|---|---|");

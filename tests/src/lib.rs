@@ -67,7 +67,10 @@ pub fn python_has(modules: &str) -> bool {
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -175,7 +178,9 @@ impl Grad {
     }
 
     pub async fn client(&self, token: &str) -> Client {
-        Client::connect(&self.url, token).await.expect("connect to grad")
+        Client::connect(&self.url, token)
+            .await
+            .expect("connect to grad")
     }
 
     pub async fn admin(&self) -> Client {
@@ -190,8 +195,15 @@ impl Grad {
             .args(extra)
             .output()
             .expect("run grad user add");
-        assert!(out.status.success(), "grad user add: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).expect("utf8 token").trim().to_string()
+        assert!(
+            out.status.success(),
+            "grad user add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf8 token")
+            .trim()
+            .to_string()
     }
 
     /// A `gractl` command pointed at this grad with `token`, with its own
@@ -200,7 +212,10 @@ impl Grad {
         let mut cmd = Command::new(bin("gractl"));
         cmd.env("GRAD_SERVER", &self.url)
             .env("GRAD_TOKEN", token)
-            .env("GRACTL_CONFIG", self.data_dir.join("gractl-test-config.yaml"))
+            .env(
+                "GRACTL_CONFIG",
+                self.data_dir.join("gractl-test-config.yaml"),
+            )
             .env_remove("GRAD_WORKSPACE")
             .stdin(Stdio::null());
         cmd
@@ -208,7 +223,11 @@ impl Grad {
 
     /// The local workspace of `owner`'s runner `name`.
     pub fn workspace(&self, owner: &str, name: &str) -> PathBuf {
-        self.data_dir.join("runners").join(owner).join(name).join("workspace")
+        self.data_dir
+            .join("runners")
+            .join(owner)
+            .join(name)
+            .join("workspace")
     }
 
     /// Pids of live grad-runner processes serving this grad's data dir.
@@ -245,7 +264,10 @@ pub fn runner_pids_under(dir: &Path) -> Vec<u32> {
                 .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
                 .unwrap_or(true);
             !is_zombie
-                && cmdline.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(b"grad-runner"))
+                && cmdline
+                    .split(|b| *b == 0)
+                    .next()
+                    .is_some_and(|a| a.ends_with(b"grad-runner"))
                 && cmdline.windows(needle.len()).any(|w| w == needle)
         })
         .collect()

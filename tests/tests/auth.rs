@@ -1,15 +1,22 @@
 //! Authentication and ownership: tokens are checked on every call, and users
 //! never see or touch each other's runners.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use std::{os::unix::fs::PermissionsExt, time::Duration};
 
+use gractl::client::Client;
 use grad_proto::{Resources, RunnerState};
 use grad_tests::{Grad, OutputExt};
-use gractl::client::Client;
 use jsonwebtoken::{EncodingKey, Header};
 
 fn sign(secret: &[u8], claims: serde_json::Value) -> String {
-    jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(secret)).unwrap()
+    jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
 }
 
 fn unix_now() -> u64 {
@@ -46,9 +53,17 @@ async fn calls_without_a_valid_token_are_refused() {
         serde_json::json!({"sub": "x", "kind": "user", "name": "admin", "role": "admin",
                            "plan": "pro", "jti": "j", "iat": unix_now(), "exp": unix_now() + 600}),
     );
-    let out = grad.gractl(&forged).args(["runner", "list"]).output().unwrap();
+    let out = grad
+        .gractl(&forged)
+        .args(["runner", "list"])
+        .output()
+        .unwrap();
     assert_eq!(out.code(), 3, "{}", out.stderr_str());
-    assert!(out.stderr_str().contains("bad signature"), "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("bad signature"),
+        "{}",
+        out.stderr_str()
+    );
 
     // Expired: signed with grad's own key, but past its expiry.
     let key = std::fs::read(grad.data_dir.join("jwt.key")).unwrap();
@@ -59,9 +74,17 @@ async fn calls_without_a_valid_token_are_refused() {
         serde_json::json!({"sub": "x", "kind": "user", "name": "admin", "role": "admin",
                            "plan": "pro", "jti": "j", "iat": unix_now() - 100, "exp": unix_now() - 10}),
     );
-    let out = grad.gractl(&expired).args(["runner", "list"]).output().unwrap();
+    let out = grad
+        .gractl(&expired)
+        .args(["runner", "list"])
+        .output()
+        .unwrap();
     assert_eq!(out.code(), 3, "{}", out.stderr_str());
-    assert!(out.stderr_str().contains("token expired"), "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("token expired"),
+        "{}",
+        out.stderr_str()
+    );
 
     // Garbage.
     let err = Client::connect(&grad.url, "not-a-jwt")
@@ -78,7 +101,10 @@ async fn a_user_never_sees_or_touches_another_users_runner() {
     let grad = Grad::start();
     let alice = grad.client(&grad.add_user("alice", &[])).await;
     let bob = grad.client(&grad.add_user("bob", &[])).await;
-    alice.create_runner("r1", Resources::default()).await.unwrap();
+    alice
+        .create_runner("r1", Resources::default())
+        .await
+        .unwrap();
     alice
         .wait_runner("r1", &[RunnerState::Ready], Duration::from_secs(20))
         .await
@@ -114,7 +140,10 @@ async fn a_user_never_sees_or_touches_another_users_runner() {
     // Admins see everyone's, and may address them as OWNER/NAME.
     let admin = grad.admin().await;
     let all = admin.list_runners(true).await.unwrap();
-    let mut owners: Vec<_> = all.iter().map(|r| format!("{}/{}", r.owner, r.name)).collect();
+    let mut owners: Vec<_> = all
+        .iter()
+        .map(|r| format!("{}/{}", r.owner, r.name))
+        .collect();
     owners.sort();
     assert_eq!(owners, ["alice/r1", "bob/r1"]);
     assert_eq!(admin.get_runner("alice/r1").await.unwrap().owner, "alice");
@@ -170,7 +199,10 @@ async fn login_stores_credentials_readable_only_by_the_user() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", out.stderr_str());
-    assert_eq!(std::fs::metadata(&config).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let out = grad
         .gractl("")
         .env_remove("GRAD_TOKEN")

@@ -1,5 +1,7 @@
 //! execute-code end to end: gractl → grad → grad-runner → Python, and back.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use std::{
     io::{BufRead, BufReader, Write},
     process::Stdio,
@@ -34,7 +36,11 @@ fn exec_json(grad: &Grad, args: &[&str]) -> (i32, Value) {
         .output()
         .unwrap();
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("not one JSON document ({e}): {}\nstderr: {}", out.stdout_str(), out.stderr_str())
+        panic!(
+            "not one JSON document ({e}): {}\nstderr: {}",
+            out.stdout_str(),
+            out.stderr_str()
+        )
     });
     (out.code(), doc)
 }
@@ -69,7 +75,10 @@ async fn variables_survive_between_calls_and_params_arrive_as_a_dict() {
     assert!(out.status.success(), "{}", out.stderr_str());
     assert!(out.stdout_str().contains('x'), "{}", out.stdout_str());
 
-    let (code, doc) = exec_json(&grad, &["--code", r#"df.x.sum() * params["k"]"#, "--param", "k=10"]);
+    let (code, doc) = exec_json(
+        &grad,
+        &["--code", r#"df.x.sum() * params["k"]"#, "--param", "k=10"],
+    );
     assert_eq!(code, 0, "{doc}");
     assert_eq!(doc["status"], "ok");
     // numpy 2 shows its scalars as np.int64(60), as Jupyter does.
@@ -79,25 +88,49 @@ async fn variables_survive_between_calls_and_params_arrive_as_a_dict() {
 
     let (_, doc) = exec_json(
         &grad,
-        &["--code", "[type(params[k]).__name__ for k in sorted(params)]", "--param", "a=abc", "--param", "b=[1,2]", "--param", "c=1.5"],
+        &[
+            "--code",
+            "[type(params[k]).__name__ for k in sorted(params)]",
+            "--param",
+            "a=abc",
+            "--param",
+            "b=[1,2]",
+            "--param",
+            "c=1.5",
+        ],
     );
     assert_eq!(result_text(&doc), "['str', 'list', 'float']");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dataframe_shows_as_a_table_and_a_figure_as_a_png_in_outputs() {
-    if !require("pandas and matplotlib in the runner's Python", python_has("pandas, matplotlib")) {
+    if !require(
+        "pandas and matplotlib in the runner's Python",
+        python_has("pandas, matplotlib"),
+    ) {
         return;
     }
     let grad = grad_with_runner().await;
-    let (code, doc) = exec_json(&grad, &["--code", "import pandas as pd\npd.DataFrame({'a': [1, 2]})"]);
+    let (code, doc) = exec_json(
+        &grad,
+        &["--code", "import pandas as pd\npd.DataFrame({'a': [1, 2]})"],
+    );
     assert_eq!(code, 0, "{doc}");
     let result = &doc["outputs"][0];
-    assert!(result["data"]["text/html"].as_str().unwrap().contains("<table"), "{doc}");
+    assert!(
+        result["data"]["text/html"]
+            .as_str()
+            .unwrap()
+            .contains("<table"),
+        "{doc}"
+    );
 
     let (code, doc) = exec_json(
         &grad,
-        &["--code", "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nNone"],
+        &[
+            "--code",
+            "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nNone",
+        ],
     );
     assert_eq!(code, 0, "{doc}");
     let figure = doc["outputs"]
@@ -107,7 +140,10 @@ async fn a_dataframe_shows_as_a_table_and_a_figure_as_a_png_in_outputs() {
         .find(|o| o["data"]["image/png"].is_string())
         .unwrap_or_else(|| panic!("no image/png output: {doc}"));
     let file = figure["files"][0].as_str().unwrap();
-    assert!(file.starts_with("outputs/") && file.ends_with(".png"), "{file}");
+    assert!(
+        file.starts_with("outputs/") && file.ends_with(".png"),
+        "{file}"
+    );
     let png = std::fs::read(grad.workspace("admin", "r1").join(file)).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }
@@ -139,13 +175,23 @@ async fn output_streams_in_order_as_it_happens() {
     let kinds: Vec<String> = events
         .iter()
         .map(|(_, e)| match e["event"].as_str().unwrap() {
-            "stream" => format!("stream:{}:{}", e["name"].as_str().unwrap(), e["text"].as_str().unwrap().trim()),
+            "stream" => format!(
+                "stream:{}:{}",
+                e["name"].as_str().unwrap(),
+                e["text"].as_str().unwrap().trim()
+            ),
             other => other.to_string(),
         })
         .collect();
     assert_eq!(
         kinds,
-        ["started", "stream:stdout:first", "stream:stderr:second", "display", "finished"],
+        [
+            "started",
+            "stream:stdout:first",
+            "stream:stderr:second",
+            "display",
+            "finished"
+        ],
         "{events:?}"
     );
     let first_at = events[1].0;
@@ -165,18 +211,32 @@ async fn user_code_raising_is_a_result_with_name_value_and_traceback() {
     assert_eq!(doc["error"]["ename"], "ZeroDivisionError");
     assert_eq!(doc["error"]["evalue"], "division by zero");
     let tb = doc["error"]["traceback"].as_array().unwrap();
-    let tb: String = tb.iter().map(|l| l.as_str().unwrap()).collect::<Vec<_>>().join("\n");
+    let tb: String = tb
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join("\n");
     assert!(tb.contains("return 1 / x"), "{tb}");
     assert!(!tb.contains("driver"), "the driver's own frames leak: {tb}");
 
     // Human output: the traceback goes to stderr, exit code 8.
     let out = grad
         .gractl(&grad.admin_token)
-        .args(["execute-code", "-r", "r1", "--code", "raise ValueError('bad input')"])
+        .args([
+            "execute-code",
+            "-r",
+            "r1",
+            "--code",
+            "raise ValueError('bad input')",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.code(), 8);
-    assert!(out.stderr_str().contains("ValueError: bad input"), "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("ValueError: bad input"),
+        "{}",
+        out.stderr_str()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,10 +245,22 @@ async fn a_timeout_interrupts_the_code_and_the_next_call_works() {
     let (code, _) = exec_json(&grad, &["--code", "kept = 7"]);
     assert_eq!(code, 0);
     let started = Instant::now();
-    let (code, doc) = exec_json(&grad, &["--code", "import time\ntime.sleep(30)", "--timeout", "500ms"]);
+    let (code, doc) = exec_json(
+        &grad,
+        &[
+            "--code",
+            "import time\ntime.sleep(30)",
+            "--timeout",
+            "500ms",
+        ],
+    );
     assert_eq!(code, 7, "{doc}");
     assert_eq!(doc["status"], "timeout");
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     let (code, doc) = exec_json(&grad, &["--code", "kept * 6"]);
     assert_eq!(code, 0, "{doc}");
     assert_eq!(result_text(&doc), "42");
@@ -214,7 +286,10 @@ async fn ctrl_c_cancels_the_code_and_leaves_the_interpreter_usable() {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     loop {
-        let line = lines.next().expect("output before the code finished").unwrap();
+        let line = lines
+            .next()
+            .expect("output before the code finished")
+            .unwrap();
         if line.contains("sleeping") {
             break;
         }
@@ -229,7 +304,9 @@ async fn ctrl_c_cancels_the_code_and_leaves_the_interpreter_usable() {
     assert!(started.elapsed() < Duration::from_secs(10));
     let executions = grad.admin().await.list_executions("r1", 10).await.unwrap();
     assert!(
-        executions.iter().any(|e| e.status() == grad_proto::ExecStatus::Cancelled),
+        executions
+            .iter()
+            .any(|e| e.status() == grad_proto::ExecStatus::Cancelled),
         "{executions:?}"
     );
 }
@@ -243,7 +320,10 @@ async fn code_comes_from_a_file_or_stdin_and_runs_in_the_code_directory() {
     let (code, doc) = exec_json(&grad, &["--file", file.to_str().unwrap()]);
     assert_eq!(code, 0, "{doc}");
     let code_dir = grad.workspace("admin", "r1").join("code");
-    assert_eq!(result_text(&doc), format!("{:?}", code_dir.display().to_string()).replace('"', "'"));
+    assert_eq!(
+        result_text(&doc),
+        format!("{:?}", code_dir.display().to_string()).replace('"', "'")
+    );
 
     let mut child = grad
         .gractl(&grad.admin_token)
@@ -252,7 +332,12 @@ async fn code_comes_from_a_file_or_stdin_and_runs_in_the_code_directory() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"print('from stdin')").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"print('from stdin')")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(out.stdout_str().trim(), "from stdin");
@@ -293,8 +378,14 @@ async fn sessions_are_separate_interpreters() {
 async fn a_missing_interpreter_is_reported_by_name() {
     let grad = Grad::start_with(&["--python", "python3.99-missing"]);
     let admin = grad.admin().await;
-    admin.create_runner("r1", Resources::default()).await.unwrap();
-    admin.wait_runner("r1", &[RunnerState::Ready], WAIT).await.unwrap();
+    admin
+        .create_runner("r1", Resources::default())
+        .await
+        .unwrap();
+    admin
+        .wait_runner("r1", &[RunnerState::Ready], WAIT)
+        .await
+        .unwrap();
     let (code, doc) = exec_json(&grad, &["--code", "1"]);
     assert_ne!(code, 0);
     assert_eq!(doc["status"], "failed", "{doc}");
@@ -311,5 +402,9 @@ async fn execute_code_on_an_unknown_runner_says_not_found() {
         .output()
         .unwrap();
     assert_eq!(out.code(), 4, "{}", out.stderr_str());
-    assert!(out.stderr_str().contains("runner 'ghost' not found"), "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("runner 'ghost' not found"),
+        "{}",
+        out.stderr_str()
+    );
 }

@@ -1,6 +1,8 @@
 //! Runner lifecycle on the embedded default: real grad, real grad-runner
 //! processes, temp data dirs, port 0.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use std::time::Duration;
 
 use grad_proto::{Resources, RunnerState};
@@ -36,7 +38,10 @@ async fn a_created_runner_becomes_ready_with_its_workspace_laid_out() {
     assert_eq!(ready.workspace, ws.display().to_string());
     assert_eq!(grad.runner_pids().len(), 1);
     let listed = admin.list_runners(false).await.unwrap();
-    assert_eq!(listed.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["r1"]);
+    assert_eq!(
+        listed.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        ["r1"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,7 +60,10 @@ async fn a_paused_runner_keeps_its_workspace_files_and_resumes() {
         .await
         .unwrap();
     assert_eq!(paused.state(), RunnerState::Paused);
-    assert!(grad.runner_pids().is_empty(), "runner process survived the pause");
+    assert!(
+        grad.runner_pids().is_empty(),
+        "runner process survived the pause"
+    );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "still here");
 
     let out = grad
@@ -76,11 +84,21 @@ async fn a_paused_runner_keeps_its_workspace_files_and_resumes() {
     assert_eq!(ready.state(), RunnerState::Ready);
     let out = grad
         .gractl(&grad.admin_token)
-        .args(["execute-code", "-r", "r1", "--code", "open('keep.txt').read()"])
+        .args([
+            "execute-code",
+            "-r",
+            "r1",
+            "--code",
+            "open('keep.txt').read()",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", out.stderr_str());
-    assert!(out.stdout_str().contains("still here"), "{}", out.stdout_str());
+    assert!(
+        out.stdout_str().contains("still here"),
+        "{}",
+        out.stdout_str()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +130,11 @@ async fn deleting_a_runner_removes_its_process_and_workspace() {
         .await
         .unwrap();
     assert_eq!(gone.state(), RunnerState::Deleted);
-    assert!(!ws.exists(), "workspace {} survived the delete", ws.display());
+    assert!(
+        !ws.exists(),
+        "workspace {} survived the delete",
+        ws.display()
+    );
     assert!(grad.runner_pids().is_empty());
     let err = admin.get_runner("r1").await.unwrap_err();
     assert_eq!(err.status().unwrap().code(), tonic::Code::NotFound);
@@ -168,7 +190,11 @@ async fn a_runner_that_stops_heartbeating_is_marked_failed() {
     signal(pid, libc::SIGCONT);
     let failed = failed.unwrap();
     assert_eq!(failed.state(), RunnerState::Failed);
-    assert!(failed.reason.contains("no heartbeat"), "reason: {}", failed.reason);
+    assert!(
+        failed.reason.contains("no heartbeat"),
+        "reason: {}",
+        failed.reason
+    );
     // The hung process is not left behind.
     wait_until("the hung runner to be stopped", WAIT, || {
         grad.runner_pids().is_empty()
@@ -192,8 +218,15 @@ async fn after_a_grad_restart_a_live_runner_reconnects_and_keeps_its_state() {
     let pids = grad.runner_pids();
 
     let status = grad.restart_status();
-    assert!(status.is_some_and(|s| s.success()), "grad did not stop cleanly: {status:?}");
-    assert_eq!(grad.runner_pids(), pids, "the runner process did not survive grad's restart");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "grad did not stop cleanly: {status:?}"
+    );
+    assert_eq!(
+        grad.runner_pids(),
+        pids,
+        "the runner process did not survive grad's restart"
+    );
 
     let admin = grad.admin().await;
     let ready = admin.wait_runner("r1", READY, WAIT).await.unwrap();
@@ -204,7 +237,8 @@ async fn after_a_grad_restart_a_live_runner_reconnects_and_keeps_its_state() {
             .args(["runner", "get", "r1", "-o", "json"])
             .output()
             .unwrap();
-        out.stdout_str().contains("\"connected\": true") || out.stdout_str().contains("\"connected\":true")
+        out.stdout_str().contains("\"connected\": true")
+            || out.stdout_str().contains("\"connected\":true")
     });
     let out = grad
         .gractl(&grad.admin_token)
@@ -222,7 +256,11 @@ async fn bad_runner_requests_are_refused_with_clear_messages() {
     let err = admin.create_runner("R_1", res()).await.unwrap_err();
     let status = err.status().unwrap();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert!(status.message().contains("invalid runner name 'R_1'"), "{}", status.message());
+    assert!(
+        status.message().contains("invalid runner name 'R_1'"),
+        "{}",
+        status.message()
+    );
 
     let mut huge = res();
     huge.memory_bytes = 1 << 45;

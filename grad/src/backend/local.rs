@@ -57,7 +57,11 @@ impl Local {
     }
 
     fn runner_dir(&self, owner: &str, name: &str) -> PathBuf {
-        self.settings.data_dir.join("runners").join(owner).join(name)
+        self.settings
+            .data_dir
+            .join("runners")
+            .join(owner)
+            .join(name)
     }
 
     async fn spawn(&self, spec: &Spec) -> Result<Option<u32>, Error> {
@@ -205,7 +209,6 @@ impl Backend for Local {
 fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { context, source }
 }
-
 
 fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;

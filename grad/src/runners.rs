@@ -266,23 +266,17 @@ impl Runners {
     }
 
     pub async fn pause(self: &Arc<Self>, caller: &UserCaller, name: &str) -> Result<store::Runner> {
-        let found = self.resolve(caller, name).await?;
-        let guard = self.lock_runner(&found.id).await;
-        let mut runner = self.reread(&found, name).await?;
-        match runner.state {
-            State::Paused | State::Pausing => return Ok(runner),
-            State::Deleting => return Err(deleting(name)),
-            State::Pending | State::Starting | State::Ready | State::Resuming | State::Failed => {}
-        }
-        self.store
-            .set_runner_state(&runner.id, State::Pausing, "")
-            .await?;
-        runner.state = State::Pausing;
-        self.bump();
-        self.spawn_with(guard, runner.id.clone(), |this, id| async move {
+        let decide = |r: &store::Runner| match r.state {
+            State::Paused | State::Pausing => Ok(None),
+            State::Deleting => Err(deleting(name)),
+            State::Pending | State::Starting | State::Ready | State::Resuming | State::Failed => {
+                Ok(Some(State::Pausing))
+            }
+        };
+        self.transition(caller, name, decide, |this, id| async move {
             this.stop(&id).await
-        });
-        Ok(runner)
+        })
+        .await
     }
 
     pub async fn resume(
@@ -290,32 +284,19 @@ impl Runners {
         caller: &UserCaller,
         name: &str,
     ) -> Result<store::Runner> {
-        let found = self.resolve(caller, name).await?;
-        let guard = self.lock_runner(&found.id).await;
-        let mut runner = self.reread(&found, name).await?;
-        match runner.state {
-            State::Paused | State::Failed => {}
-            State::Pending | State::Starting | State::Ready | State::Resuming => {
-                return Ok(runner);
-            }
-            State::Deleting => return Err(deleting(name)),
+        let decide = |r: &store::Runner| match r.state {
+            State::Paused | State::Failed => Ok(Some(State::Resuming)),
+            State::Pending | State::Starting | State::Ready | State::Resuming => Ok(None),
+            State::Deleting => Err(deleting(name)),
             // Unreachable in practice: pausing ends under the lock we hold.
-            State::Pausing => {
-                return Err(Error::FailedPrecondition(format!(
-                    "runner {name} is pausing; resume it once it is paused"
-                )));
-            }
-        }
-        self.store
-            .set_runner_state(&runner.id, State::Resuming, "")
-            .await?;
-        runner.state = State::Resuming;
-        runner.reason.clear();
-        self.bump();
-        self.spawn_with(guard, runner.id.clone(), |this, id| async move {
+            State::Pausing => Err(Error::FailedPrecondition(format!(
+                "runner {name} is pausing; resume it once it is paused"
+            ))),
+        };
+        self.transition(caller, name, decide, |this, id| async move {
             this.start(&id).await
-        });
-        Ok(runner)
+        })
+        .await
     }
 
     pub async fn delete(
@@ -323,19 +304,46 @@ impl Runners {
         caller: &UserCaller,
         name: &str,
     ) -> Result<store::Runner> {
+        // Deleting again retries a delete that failed half-way.
+        let decide = |_: &store::Runner| Ok(Some(State::Deleting));
+        self.transition(caller, name, decide, |this, id| async move {
+            this.remove(&id).await
+        })
+        .await
+    }
+
+    /// The shape of every lifecycle RPC: under the runner's lock, `decide`
+    /// from its current state what to move to (`None`: nothing to do),
+    /// record that state, and hand the lock to a task that does `work`.
+    async fn transition<D, F, Fut>(
+        self: &Arc<Self>,
+        caller: &UserCaller,
+        name: &str,
+        decide: D,
+        work: F,
+    ) -> Result<store::Runner>
+    where
+        D: FnOnce(&store::Runner) -> Result<Option<State>>,
+        F: FnOnce(Arc<Runners>, String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+    {
         let found = self.resolve(caller, name).await?;
         let guard = self.lock_runner(&found.id).await;
-        let mut runner = self.reread(&found, name).await?;
-        if runner.state != State::Deleting {
-            self.store
-                .set_runner_state(&runner.id, State::Deleting, "")
-                .await?;
-            runner.state = State::Deleting;
+        let mut runner = self
+            .store
+            .runner_by_id(&found.id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("runner '{name}' not found")))?;
+        let Some(next) = decide(&runner)? else {
+            return Ok(runner);
+        };
+        if runner.state != next {
+            self.store.set_runner_state(&runner.id, next, "").await?;
+            runner.state = next;
+            runner.reason.clear();
             self.bump();
         }
-        self.spawn_with(guard, runner.id.clone(), |this, id| async move {
-            this.remove(&id).await
-        });
+        self.spawn_with(guard, runner.id.clone(), work);
         Ok(runner)
     }
 
@@ -393,13 +401,6 @@ impl Runners {
                 }
             }
         }
-    }
-
-    async fn reread(&self, found: &store::Runner, name: &str) -> Result<store::Runner> {
-        self.store
-            .runner_by_id(&found.id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("runner '{name}' not found")))
     }
 
     /// Runs `work` as a tracked task that holds the runner's lock until done.

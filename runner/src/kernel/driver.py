@@ -142,9 +142,12 @@ def _send(data):
         with _lock:
             if _pend:
                 data = _take_streams() + data
+            if not data:
+                return
             if _raw_pending():
                 # Those bytes were written before this message: have them
-                # read first, so that subprocess output keeps its place.
+                # read first, so that subprocess output keeps its place. (Never
+                # on its own: a stale mark would pull later output forward.)
                 data = _RAW_FIRST + data
             view = memoryview(data)
             while view:

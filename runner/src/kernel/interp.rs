@@ -129,10 +129,15 @@ impl Interp {
         let stderr = Raw::new("stderr", err_r).map_err(spawn_error)?;
 
         let mut cmd = Command::new(python);
+        // The driver travels in the environment, which the interpreter pops at
+        // once, rather than in argv, where every `ps` would print all of it.
         cmd.arg("-u")
             .arg("-c")
-            .arg(DRIVER)
+            .arg("import os; exec(compile(os.environ.pop('GRAD_KERNEL_DRIVER'), '<grad-driver>', 'exec'))")
             .current_dir(config.workspace.join("code"))
+            .env("GRAD_KERNEL_DRIVER", DRIVER)
+            // The runner's own credential is no business of user code.
+            .env_remove("GRAD_RUNNER_TOKEN")
             .envs(config.env.iter().map(|(k, v)| (k, v)))
             .env("MPLBACKEND", "Agg")
             .env("PYTHONUNBUFFERED", "1")

@@ -10,6 +10,7 @@ const FILES: &[&str] = &[
     "proto/grad/v1/exec.proto",
     "proto/grad/v1/users.proto",
     "proto/grad/v1/agent.proto",
+    "proto/grad/v1/tunnel.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -9,9 +9,10 @@ use std::{
 };
 
 use grad_proto::{
-    self as pb, AgentCommand, AgentMessage, ExecEvent, Registered, agent_command::Command,
-    agent_message::Message, exec_server::Exec, runner_agent_server::RunnerAgent,
-    runners_server::Runners as RunnersRpc, users_server::Users,
+    self as pb, AgentCommand, AgentMessage, ExecEvent, Registered, TunnelFrame,
+    agent_command::Command, agent_message::Message, exec_server::Exec,
+    runner_agent_server::RunnerAgent, runners_server::Runners as RunnersRpc,
+    tunnels_server::Tunnels as TunnelsRpc, users_server::Users,
 };
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -25,12 +26,15 @@ use crate::{
     auth::{self, Caller},
     exec,
     runners::{Runners, Waited},
+    ssh_keys,
     store::{self, State},
+    tunnel::{Frames, Tunnels},
 };
 
 #[derive(Clone)]
 pub struct Api {
     pub runners: Arc<Runners>,
+    pub tunnels: Arc<Tunnels>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -73,7 +77,17 @@ impl Api {
             workspace: r.workspace,
             create_time: Some(timestamp(r.created_at)),
             update_time: Some(timestamp(r.updated_at)),
+            host_key: r.host_key,
         }
+    }
+}
+
+fn ssh_key_to_pb(k: store::SshKey) -> pb::SshKey {
+    pb::SshKey {
+        public_key: k.public_key,
+        fingerprint: k.fingerprint,
+        name: k.name,
+        create_time: Some(timestamp(k.created_at)),
     }
 }
 
@@ -171,7 +185,7 @@ impl RunnersRpc for Api {
             .wait(caller, &msg.name, &states, want_deleted, timeout)
             .await?;
         Ok(Response::new(match waited {
-            Waited::Runner(r) => self.runner_to_pb(r),
+            Waited::Runner(r) => self.runner_to_pb(*r),
             Waited::Deleted { name, owner } => pb::Runner {
                 name,
                 owner,
@@ -242,6 +256,84 @@ impl Users for Api {
             plan: caller.plan.to_string(),
         }))
     }
+
+    async fn add_ssh_key(&self, req: Request<pb::AddSshKeyRequest>) -> RpcResult<pb::SshKey> {
+        let caller = auth::user(&req)?;
+        let msg = req.get_ref();
+        let key = ssh_keys::parse(&msg.public_key)?;
+        let name = if msg.name.is_empty() {
+            key.comment
+        } else {
+            msg.name.clone()
+        };
+        let stored = self
+            .runners
+            .store()
+            .insert_ssh_key(
+                &caller.id,
+                &store::SshKey {
+                    fingerprint: key.fingerprint,
+                    public_key: key.text,
+                    name,
+                    created_at: store::now_ms(),
+                },
+            )
+            .await?;
+        self.runners.push_authorized_keys(&caller.id).await?;
+        Ok(Response::new(ssh_key_to_pb(stored)))
+    }
+
+    async fn list_ssh_keys(
+        &self,
+        req: Request<pb::ListSshKeysRequest>,
+    ) -> RpcResult<pb::ListSshKeysResponse> {
+        let caller = auth::user(&req)?;
+        let keys = self.runners.store().ssh_keys(&caller.id).await?;
+        Ok(Response::new(pb::ListSshKeysResponse {
+            keys: keys.into_iter().map(ssh_key_to_pb).collect(),
+        }))
+    }
+
+    async fn delete_ssh_key(&self, req: Request<pb::DeleteSshKeyRequest>) -> RpcResult<pb::SshKey> {
+        let caller = auth::user(&req)?;
+        let fingerprint = &req.get_ref().fingerprint;
+        let store = self.runners.store();
+        let key = store
+            .ssh_key(&caller.id, fingerprint)
+            .await?
+            .ok_or_else(|| {
+                Status::not_found(format!("no SSH key with fingerprint '{fingerprint}'"))
+            })?;
+        store.delete_ssh_key(&caller.id, fingerprint).await?;
+        self.runners.push_authorized_keys(&caller.id).await?;
+        Ok(Response::new(ssh_key_to_pb(key)))
+    }
+}
+
+#[tonic::async_trait]
+impl TunnelsRpc for Api {
+    type OpenStream = Frames;
+
+    async fn open(&self, req: Request<Streaming<TunnelFrame>>) -> RpcResult<Frames> {
+        let caller = auth::user(&req)?.clone();
+        let frames = self
+            .tunnels
+            .open(&self.runners, &caller, req.into_inner())
+            .await?;
+        Ok(Response::new(frames))
+    }
+}
+
+fn runner_caller<T>(req: &Request<T>) -> Result<(String, String), Status> {
+    match req.extensions().get::<Caller>() {
+        Some(Caller::Runner {
+            runner_id,
+            token_id,
+        }) => Ok((runner_id.clone(), token_id.clone())),
+        _ => Err(Status::permission_denied(
+            "only runner agent tokens can call RunnerAgent",
+        )),
+    }
 }
 
 /// A stream of commands that ends when its agent connection is closed.
@@ -266,19 +358,29 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 #[tonic::async_trait]
 impl RunnerAgent for Api {
     type AttachStream = CommandStream;
+    type TunnelStream = Frames;
+
+    async fn tunnel(&self, req: Request<Streaming<TunnelFrame>>) -> RpcResult<Frames> {
+        let (runner_id, token_id) = runner_caller(&req)?;
+        // A replaced token (the runner was restarted) may not serve tunnels.
+        let runner = self
+            .runners
+            .store()
+            .runner_by_id(&runner_id)
+            .await
+            .map_err(Status::from)?;
+        if runner.is_none_or(|r| r.token_id != token_id) {
+            return Err(Status::permission_denied(
+                "this runner token has been replaced",
+            ));
+        }
+        Ok(Response::new(
+            self.tunnels.accept(&runner_id, req.into_inner()).await?,
+        ))
+    }
 
     async fn attach(&self, req: Request<Streaming<AgentMessage>>) -> RpcResult<CommandStream> {
-        let (runner_id, token_id) = match req.extensions().get::<Caller>() {
-            Some(Caller::Runner {
-                runner_id,
-                token_id,
-            }) => (runner_id.clone(), token_id.clone()),
-            _ => {
-                return Err(Status::permission_denied(
-                    "only runner agent tokens can attach",
-                ));
-            }
-        };
+        let (runner_id, token_id) = runner_caller(&req)?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
@@ -291,7 +393,10 @@ impl RunnerAgent for Api {
                 "the first message on an agent stream must be register",
             ));
         };
-        let runner = self.runners.attached(&runner_id, &token_id).await?;
+        let runner = self
+            .runners
+            .attached(&runner_id, &token_id, &register.host_key)
+            .await?;
         tracing::info!(
             runner = %runner.name, owner = %runner.owner_name, pid = register.pid,
             python = %register.python, python_version = %register.python_version,
@@ -304,8 +409,9 @@ impl RunnerAgent for Api {
                 heartbeat_interval_ms: self.runners.timing().heartbeat_interval.as_millis() as u32,
             })),
         };
-        // Cannot fail: the channel is new and has room.
+        // Cannot fail: the channel is new and has room for both.
         let _ = commands.try_send(registered);
+        let _ = commands.try_send(self.runners.authorized_keys(&runner.owner_id).await?);
         self.runners.notify();
 
         let runners = self.runners.clone();

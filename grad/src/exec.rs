@@ -2,7 +2,7 @@
 //! agent, relay the agent's events back to the caller, record the execution.
 //! A caller that goes away (Ctrl-C) cancels the code on the runner.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use grad_proto::{
     AgentCommand, CancelCode, ExecEvent, ExecFinished, ExecStarted, ExecStatus, RunCode,
@@ -14,12 +14,9 @@ use tonic::Status;
 use crate::{
     auth::UserCaller,
     error::{Error, Result},
-    runners::{Runners, Waited},
-    store::{self, State, now_ms},
+    runners::Runners,
+    store::{self, now_ms},
 };
-
-/// How long execute-code waits for a runner that is still starting.
-const WAIT_FOR_READY: Duration = Duration::from_secs(30);
 
 pub struct Request {
     pub runner: String,
@@ -66,31 +63,7 @@ pub async fn execute(
     mut req: Request,
 ) -> Result<Events> {
     validate(&mut req)?;
-    let mut runner = runners.resolve(caller, &req.runner).await?;
-    if matches!(
-        runner.state,
-        State::Pending | State::Starting | State::Resuming
-    ) {
-        runner = match runners
-            .wait_for(&runner, &[State::Ready], false, WAIT_FOR_READY)
-            .await?
-        {
-            Waited::Runner(r) => r,
-            Waited::Deleted { .. } => {
-                return Err(Error::NotFound(format!(
-                    "runner '{}' not found",
-                    req.runner
-                )));
-            }
-        };
-    }
-    check_ready(&runner, &req.runner)?;
-    let agent = runners.agents().get(&runner.id).ok_or_else(|| {
-        Error::Unavailable(format!(
-            "runner {} is not connected to grad right now; retry in a few seconds",
-            req.runner
-        ))
-    })?;
+    let (runner, agent) = runners.usable(caller, &req.runner).await?;
 
     let execution_id = uuid::Uuid::new_v4().to_string();
     let mut from_runner = agent.expect(&execution_id);
@@ -182,26 +155,6 @@ pub async fn execute(
         agent.forget(&record.id);
     });
     Ok(events)
-}
-
-fn check_ready(runner: &store::Runner, name: &str) -> Result<()> {
-    match runner.state {
-        State::Ready => Ok(()),
-        State::Paused | State::Pausing => Err(Error::FailedPrecondition(format!(
-            "runner {name} is paused; run `gractl runner resume {name}`"
-        ))),
-        State::Failed => Err(Error::FailedPrecondition(format!(
-            "runner {name} failed: {}; run `gractl runner resume {name}` to restart it",
-            runner.reason
-        ))),
-        State::Deleting => Err(Error::FailedPrecondition(format!(
-            "runner {name} is being deleted"
-        ))),
-        State::Pending | State::Starting | State::Resuming => Err(Error::Unavailable(format!(
-            "runner {name} is still {}; try again shortly",
-            runner.state
-        ))),
-    }
 }
 
 pub fn status_name(status: i32) -> &'static str {

@@ -13,7 +13,9 @@ pub mod error;
 pub mod exec;
 pub mod runners;
 pub mod server;
+pub mod ssh_keys;
 pub mod store;
+pub mod tunnel;
 
 pub use error::{Error, Result};
 pub use server::serve;

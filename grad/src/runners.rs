@@ -13,8 +13,10 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use grad_proto::{AgentCommand, AuthorizedKeys, agent_command};
+
 use crate::{
-    agents::Agents,
+    agents::{Agent, Agents},
     auth::{Keys, UserCaller},
     backend::{self, Backend},
     error::{Error, Result},
@@ -51,9 +53,12 @@ pub const DEFAULT_RESOURCES: Resources = Resources {
 
 const MAX_NAME: usize = 40;
 
+/// How long execute-code and tunnels wait for a runner that is still starting.
+const WAIT_FOR_READY: Duration = Duration::from_secs(30);
+
 /// The outcome of waiting for a runner.
 pub enum Waited {
-    Runner(store::Runner),
+    Runner(Box<store::Runner>),
     Deleted { name: String, owner: String },
 }
 
@@ -167,6 +172,91 @@ impl Runners {
         &self.agents
     }
 
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// The caller's runner, ready, with its connected agent: what execute-code
+    /// and tunnels need. Waits for a runner that is still starting.
+    pub async fn usable(
+        &self,
+        caller: &UserCaller,
+        name: &str,
+    ) -> Result<(store::Runner, Arc<Agent>)> {
+        let mut runner = self.resolve(caller, name).await?;
+        if matches!(
+            runner.state,
+            State::Pending | State::Starting | State::Resuming
+        ) {
+            runner = match self
+                .wait_for(&runner, &[State::Ready], false, WAIT_FOR_READY)
+                .await?
+            {
+                Waited::Runner(r) => *r,
+                Waited::Deleted { .. } => {
+                    return Err(Error::NotFound(format!("runner '{name}' not found")));
+                }
+            };
+        }
+        match runner.state {
+            State::Ready => {}
+            State::Paused | State::Pausing => {
+                return Err(Error::FailedPrecondition(format!(
+                    "runner {name} is paused; run `gractl runner resume {name}`"
+                )));
+            }
+            State::Failed => {
+                return Err(Error::FailedPrecondition(format!(
+                    "runner {name} failed: {}; run `gractl runner resume {name}` to restart it",
+                    runner.reason
+                )));
+            }
+            State::Deleting => {
+                return Err(Error::FailedPrecondition(format!(
+                    "runner {name} is being deleted"
+                )));
+            }
+            State::Pending | State::Starting | State::Resuming => {
+                return Err(Error::Unavailable(format!(
+                    "runner {name} is still {}; try again shortly",
+                    runner.state
+                )));
+            }
+        }
+        let agent = self.agents.get(&runner.id).ok_or_else(|| {
+            Error::Unavailable(format!(
+                "runner {name} is not connected to grad right now; retry in a few seconds"
+            ))
+        })?;
+        Ok((runner, agent))
+    }
+
+    /// Sends the owner's current SSH keys to each of their connected runners.
+    pub async fn push_authorized_keys(&self, owner_id: &str) -> Result<()> {
+        let keys = self.authorized_keys(owner_id).await?;
+        for runner in self.store.list_runners(Some(owner_id)).await? {
+            if let Some(agent) = self.agents.get(&runner.id) {
+                let _ = agent.commands.send(keys.clone()).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn authorized_keys(&self, owner_id: &str) -> Result<AgentCommand> {
+        let public_keys = self
+            .store
+            .ssh_keys(owner_id)
+            .await?
+            .into_iter()
+            .map(|k| k.public_key)
+            .collect();
+        Ok(AgentCommand {
+            command: Some(agent_command::Command::AuthorizedKeys(AuthorizedKeys {
+                public_keys,
+            })),
+        })
+    }
+
     pub fn tracker(&self) -> &TaskTracker {
         &self.tracker
     }
@@ -238,6 +328,7 @@ impl Runners {
                 .to_string(),
             token_id: String::new(),
             pid: None,
+            host_key: String::new(),
             created_at: now,
             updated_at: now,
         };
@@ -386,7 +477,7 @@ impl Runners {
                     )));
                 }
                 Some(r) if states.contains(&r.state) || r.state == State::Failed => {
-                    return Ok(Waited::Runner(r));
+                    return Ok(Waited::Runner(Box::new(r)));
                 }
                 Some(r) => {
                     let woke = tokio::time::timeout_at(deadline, changed.changed()).await;
@@ -512,7 +603,12 @@ impl Runners {
 
     /// A runner's agent attached with a valid runner token: checks it is the
     /// runner's current token and marks the runner ready.
-    pub async fn attached(&self, runner_id: &str, token_id: &str) -> Result<store::Runner> {
+    pub async fn attached(
+        &self,
+        runner_id: &str,
+        token_id: &str,
+        host_key: &str,
+    ) -> Result<store::Runner> {
         let _guard = self.lock_runner(runner_id).await;
         let mut runner = self
             .store
@@ -526,6 +622,13 @@ impl Runners {
         }
         match runner.state {
             State::Pending | State::Starting | State::Resuming | State::Ready | State::Failed => {
+                if !host_key.is_empty() && host_key != runner.host_key {
+                    if !runner.host_key.is_empty() {
+                        tracing::warn!(runner = %runner.name, "the runner's SSH host key changed");
+                    }
+                    self.store.set_runner_host_key(runner_id, host_key).await?;
+                    runner.host_key = host_key.to_string();
+                }
                 if runner.state != State::Ready || !runner.reason.is_empty() {
                     self.store
                         .set_runner_state(runner_id, State::Ready, "")

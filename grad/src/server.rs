@@ -12,7 +12,7 @@ use std::{
 use axum::{http::StatusCode, routing::get, serve::ListenerExt};
 use grad_proto::{
     FILE_DESCRIPTOR_SET, exec_server::ExecServer, runner_agent_server::RunnerAgentServer,
-    runners_server::RunnersServer, users_server::UsersServer,
+    runners_server::RunnersServer, tunnels_server::TunnelsServer, users_server::UsersServer,
 };
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -27,6 +27,7 @@ use crate::{
     error::{Error, Result},
     runners::{Runners, Timing},
     store::{Plan, Role, Store},
+    tunnel::Tunnels,
 };
 
 /// Admin tokens written at first start are valid this long.
@@ -145,6 +146,7 @@ pub async fn serve(
     health.set_serving::<RunnersServer<Api>>().await;
     health.set_serving::<ExecServer<Api>>().await;
     health.set_serving::<UsersServer<Api>>().await;
+    health.set_serving::<TunnelsServer<Api>>().await;
     health.set_serving::<RunnerAgentServer<Api>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -153,6 +155,7 @@ pub async fn serve(
 
     let api = Api {
         runners: runners.clone(),
+        tunnels: Arc::new(Tunnels::default()),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     };
@@ -161,6 +164,7 @@ pub async fn serve(
         .add_service(RunnersServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(ExecServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(UsersServer::with_interceptor(api.clone(), auth.clone()))
+        .add_service(TunnelsServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             RunnerAgentServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
             auth.clone(),
@@ -194,6 +198,7 @@ pub async fn serve(
             health.set_not_serving::<RunnersServer<Api>>().await;
             health.set_not_serving::<ExecServer<Api>>().await;
             health.set_not_serving::<UsersServer<Api>>().await;
+            health.set_not_serving::<TunnelsServer<Api>>().await;
             health.set_not_serving::<RunnerAgentServer<Api>>().await;
             agents.close_all();
         }

@@ -72,8 +72,17 @@ pub struct Runner {
     pub workspace: String,
     pub token_id: String,
     pub pid: Option<u32>,
+    pub host_key: String,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SshKey {
+    pub fingerprint: String,
+    pub public_key: String,
+    pub name: String,
+    pub created_at: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -148,7 +157,7 @@ fn parse_column<T: FromStr<Err = String>>(row: &AnyRow, column: &str) -> Result<
 
 const RUNNER_COLUMNS: &str = "r.id, r.owner_id, u.name AS owner_name, r.name, r.state, r.reason, \
      r.cpu_millis, r.memory_bytes, r.storage_bytes, r.gpus, r.backend, r.workspace, r.token_id, \
-     r.pid, r.created_at, r.updated_at";
+     r.pid, r.host_key, r.created_at, r.updated_at";
 
 fn runner_from_row(row: &AnyRow) -> Result<Runner> {
     let pid: Option<i64> = row.try_get("pid")?;
@@ -169,8 +178,18 @@ fn runner_from_row(row: &AnyRow) -> Result<Runner> {
         workspace: row.try_get("workspace")?,
         token_id: row.try_get("token_id")?,
         pid: pid.map(|p| p as u32),
+        host_key: row.try_get("host_key")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn ssh_key_from_row(row: &AnyRow) -> Result<SshKey> {
+    Ok(SshKey {
+        fingerprint: row.try_get("fingerprint")?,
+        public_key: row.try_get("public_key")?,
+        name: row.try_get("name")?,
+        created_at: row.try_get("created_at")?,
     })
 }
 
@@ -368,6 +387,15 @@ impl Store {
         Ok(())
     }
 
+    pub async fn set_runner_host_key(&self, id: &str, host_key: &str) -> Result<()> {
+        sqlx::query("UPDATE runners SET host_key = $1 WHERE id = $2")
+            .bind(host_key)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn delete_runner(&self, id: &str) -> Result<()> {
         sqlx::query("DELETE FROM executions WHERE runner_id = $1")
             .bind(id)
@@ -375,6 +403,59 @@ impl Store {
             .await?;
         sqlx::query("DELETE FROM runners WHERE id = $1")
             .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // SSH keys.
+
+    /// Adds a key; the same key again is not an error and keeps the first record.
+    pub async fn insert_ssh_key(&self, owner_id: &str, key: &SshKey) -> Result<SshKey> {
+        if let Some(existing) = self.ssh_key(owner_id, &key.fingerprint).await? {
+            return Ok(existing);
+        }
+        sqlx::query(
+            "INSERT INTO ssh_keys (owner_id, fingerprint, public_key, name, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(owner_id)
+        .bind(&key.fingerprint)
+        .bind(&key.public_key)
+        .bind(&key.name)
+        .bind(key.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(key.clone())
+    }
+
+    pub async fn ssh_key(&self, owner_id: &str, fingerprint: &str) -> Result<Option<SshKey>> {
+        let row = sqlx::query(
+            "SELECT fingerprint, public_key, name, created_at FROM ssh_keys \
+             WHERE owner_id = $1 AND fingerprint = $2",
+        )
+        .bind(owner_id)
+        .bind(fingerprint)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(ssh_key_from_row).transpose()
+    }
+
+    pub async fn ssh_keys(&self, owner_id: &str) -> Result<Vec<SshKey>> {
+        let rows = sqlx::query(
+            "SELECT fingerprint, public_key, name, created_at FROM ssh_keys \
+             WHERE owner_id = $1 ORDER BY created_at, fingerprint",
+        )
+        .bind(owner_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(ssh_key_from_row).collect()
+    }
+
+    pub async fn delete_ssh_key(&self, owner_id: &str, fingerprint: &str) -> Result<()> {
+        sqlx::query("DELETE FROM ssh_keys WHERE owner_id = $1 AND fingerprint = $2")
+            .bind(owner_id)
+            .bind(fingerprint)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -459,6 +540,7 @@ mod tests {
             workspace: "/tmp/w".into(),
             token_id: "t".into(),
             pid: None,
+            host_key: String::new(),
             created_at: now_ms(),
             updated_at: now_ms(),
         }

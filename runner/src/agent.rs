@@ -6,9 +6,8 @@
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use grad_proto::{
-    AgentExecEvent, AgentMessage, ExecEvent, Heartbeat, Register, RunCode,
-    agent_command::Command, agent_message::Message, exec_event::Event,
-    runner_agent_client::RunnerAgentClient,
+    AgentExecEvent, AgentMessage, ExecEvent, Heartbeat, Register, RunCode, agent_command::Command,
+    agent_message::Message, exec_event::Event, runner_agent_client::RunnerAgentClient,
 };
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_stream::wrappers::ReceiverStream;
@@ -129,6 +128,7 @@ async fn attach(
             hostname: hostname(),
             python: config.python.clone(),
             python_version: String::new(),
+            host_key: String::new(),
         })),
     };
     // Cannot fail: the channel is new and has room.
@@ -143,7 +143,11 @@ async fn attach(
         Some(grad_proto::AgentCommand {
             command: Some(Command::Registered(r)),
         }) => Duration::from_millis(r.heartbeat_interval_ms.max(10).into()),
-        _ => return Err(Status::internal("grad did not acknowledge the registration")),
+        _ => {
+            return Err(Status::internal(
+                "grad did not acknowledge the registration",
+            ));
+        }
     };
     tracing::info!(runner = %config.name, server = %config.server, "attached to grad");
 
@@ -179,7 +183,10 @@ async fn attach(
                             token.cancel();
                         }
                     }
-                    Some(Command::Registered(_)) | None => {}
+                    Some(Command::Registered(_))
+                    | Some(Command::OpenTunnel(_))
+                    | Some(Command::AuthorizedKeys(_))
+                    | None => {}
                 },
                 Ok(None) => break Ended::Disconnected("grad closed the stream".into()),
                 Err(status) if is_final(&status) => return Err(status),

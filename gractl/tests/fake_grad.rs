@@ -69,6 +69,27 @@ impl Users for Fake {
             plan: "pro".into(),
         }))
     }
+
+    async fn add_ssh_key(
+        &self,
+        _: Request<grad_proto::AddSshKeyRequest>,
+    ) -> Result<Response<grad_proto::SshKey>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn list_ssh_keys(
+        &self,
+        _: Request<grad_proto::ListSshKeysRequest>,
+    ) -> Result<Response<grad_proto::ListSshKeysResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn delete_ssh_key(
+        &self,
+        _: Request<grad_proto::DeleteSshKeyRequest>,
+    ) -> Result<Response<grad_proto::SshKey>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
 }
 
 #[tonic::async_trait]

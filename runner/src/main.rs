@@ -43,9 +43,8 @@ fn main() -> ExitCode {
         Some(path) => std::fs::read_to_string(path)
             .map(|t| t.trim().to_string())
             .map_err(|e| format!("reading --token-file {}: {e}", path.display())),
-        None => std::env::var("GRAD_RUNNER_TOKEN").map_err(|_| {
-            "no runner token: set GRAD_RUNNER_TOKEN or --token-file".to_string()
-        }),
+        None => std::env::var("GRAD_RUNNER_TOKEN")
+            .map_err(|_| "no runner token: set GRAD_RUNNER_TOKEN or --token-file".to_string()),
     };
     let token = match token {
         Ok(t) => t,

@@ -1,26 +1,38 @@
 //! The agent: dials out to grad (`RunnerAgent.Attach`), registers, sends
 //! heartbeats, runs the code grad sends in the kernel sessions and streams
-//! the events back. Reconnects with backoff when the stream drops, so a grad
-//! restart loses nothing.
+//! the events back, and serves tunnels: when grad asks, it dials back
+//! (`RunnerAgent.Tunnel`) and runs the embedded SSH server over that stream.
+//! Reconnects with backoff when the stream drops, so a grad restart loses
+//! nothing.
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use grad_proto::{
-    AgentExecEvent, AgentMessage, ExecEvent, Heartbeat, Register, RunCode, agent_command::Command,
-    agent_message::Message, exec_event::Event, runner_agent_client::RunnerAgentClient,
+    AgentExecEvent, AgentMessage, ExecEvent, Heartbeat, Register, RunCode, TunnelFrame,
+    agent_command::Command, agent_message::Message, exec_event::Event,
+    runner_agent_client::RunnerAgentClient, tunnel::TunnelIo,
 };
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
-use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Endpoint};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{
+    Code, Request, Status,
+    metadata::{Ascii, MetadataValue},
+    transport::{Channel, Endpoint},
+};
 
-use crate::kernel::{self, Sessions};
+use crate::{
+    kernel::{self, Sessions},
+    ssh,
+};
 
 pub struct Config {
     pub server: String,
     pub runner_id: String,
     pub name: String,
     pub workspace: PathBuf,
+    /// Where the runner keeps what must survive restarts (the SSH host key).
+    pub state_dir: PathBuf,
     pub python: String,
     pub token: String,
 }
@@ -37,6 +49,19 @@ pub enum Error {
     },
     #[error("the runner token is not valid ASCII")]
     Token,
+    #[error("ssh server: {0}")]
+    Ssh(#[from] ssh::Error),
+}
+
+/// What every connection to grad shares.
+struct Runner {
+    config: Config,
+    endpoint: Endpoint,
+    auth: MetadataValue<Ascii>,
+    sessions: Arc<Sessions>,
+    ssh: Arc<ssh::Server>,
+    tunnels: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 enum Ended {
@@ -56,6 +81,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         env: Vec::new(),
     }));
     sessions.prestart();
+    let ssh = ssh::Server::new(ssh::Config {
+        workspace: config.workspace.clone(),
+        state_dir: config.state_dir.clone(),
+        confine: true,
+    })?;
     let endpoint = Endpoint::from_shared(config.server.clone())
         .map_err(|source| Error::Url {
             url: config.server.clone(),
@@ -64,21 +94,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .keep_alive_timeout(Duration::from_secs(10))
+        // Tunnels carry bulk SSH traffic: large HTTP/2 windows.
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20);
     let auth: MetadataValue<_> = format!("Bearer {}", config.token)
         .parse()
         .map_err(|_| Error::Token)?;
 
+    let runner = Runner {
+        config,
+        endpoint,
+        auth,
+        sessions,
+        ssh,
+        tunnels: TaskTracker::new(),
+        shutdown,
+    };
     let mut backoff = FIRST_BACKOFF;
+    let shutdown = &runner.shutdown;
     let result = loop {
         if shutdown.is_cancelled() {
             break Ok(());
         }
-        if !config.workspace.exists() {
-            tracing::warn!(workspace = %config.workspace.display(), "workspace is gone; exiting");
+        if !runner.config.workspace.exists() {
+            tracing::warn!(workspace = %runner.config.workspace.display(), "workspace is gone; exiting");
             break Ok(());
         }
-        match attach(&config, &endpoint, &auth, &sessions, &shutdown).await {
+        match runner.attach().await {
             Ok(Ended::Shutdown) => break Ok(()),
             Ok(Ended::Disconnected(why)) => {
                 tracing::info!(%why, "disconnected from grad; reconnecting");
@@ -97,7 +140,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     };
-    sessions.shutdown().await;
+    runner.tunnels.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), runner.tunnels.wait()).await;
+    runner.sessions.shutdown().await;
     result
 }
 
@@ -109,98 +154,142 @@ fn is_final(status: &Status) -> bool {
     )
 }
 
-async fn attach(
-    config: &Config,
-    endpoint: &Endpoint,
-    auth: &MetadataValue<tonic::metadata::Ascii>,
-    sessions: &Arc<Sessions>,
-    shutdown: &CancellationToken,
-) -> Result<Ended, Status> {
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| Status::unavailable(format!("connecting to {}: {e}", config.server)))?;
-    let (out, rx) = mpsc::channel::<AgentMessage>(256);
-    let register = AgentMessage {
-        message: Some(Message::Register(Register {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            pid: std::process::id(),
-            hostname: hostname(),
-            python: config.python.clone(),
-            python_version: String::new(),
-            host_key: String::new(),
-        })),
+impl Runner {
+    async fn attach(&self) -> Result<Ended, Status> {
+        let (config, sessions, shutdown) = (&self.config, &self.sessions, &self.shutdown);
+        let channel =
+            self.endpoint.connect().await.map_err(|e| {
+                Status::unavailable(format!("connecting to {}: {e}", config.server))
+            })?;
+        let (out, rx) = mpsc::channel::<AgentMessage>(256);
+        let register = AgentMessage {
+            message: Some(Message::Register(Register {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                pid: std::process::id(),
+                hostname: hostname(),
+                python: config.python.clone(),
+                python_version: String::new(),
+                host_key: self.ssh.host_public_key(),
+            })),
+        };
+        // Cannot fail: the channel is new and has room.
+        let _ = out.try_send(register);
+        let mut request = Request::new(ReceiverStream::new(rx));
+        request
+            .metadata_mut()
+            .insert("authorization", self.auth.clone());
+        let mut commands = RunnerAgentClient::new(channel.clone())
+            .attach(request)
+            .await?
+            .into_inner();
+        let interval = match commands.message().await? {
+            Some(grad_proto::AgentCommand {
+                command: Some(Command::Registered(r)),
+            }) => Duration::from_millis(r.heartbeat_interval_ms.max(10).into()),
+            _ => {
+                return Err(Status::internal(
+                    "grad did not acknowledge the registration",
+                ));
+            }
+        };
+        tracing::info!(runner = %config.name, server = %config.server, "attached to grad");
+
+        let mut heartbeat = tokio::time::interval(interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut running: HashMap<String, CancellationToken> = HashMap::new();
+        let mut tasks: JoinSet<String> = JoinSet::new();
+        let ended = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ended::Shutdown,
+                _ = heartbeat.tick() => {
+                    let beat = AgentMessage {
+                        message: Some(Message::Heartbeat(Heartbeat { sessions: sessions.count() as u32 })),
+                    };
+                    if out.send(beat).await.is_err() {
+                        break Ended::Disconnected("outbound stream closed".into());
+                    }
+                }
+                Some(done) = tasks.join_next() => {
+                    if let Ok(request_id) = done {
+                        running.remove(&request_id);
+                    }
+                }
+                command = commands.message() => match command {
+                    Ok(Some(c)) => match c.command {
+                        Some(Command::RunCode(run)) => {
+                            let cancel = CancellationToken::new();
+                            running.insert(run.request_id.clone(), cancel.clone());
+                            tasks.spawn(run_code(sessions.clone(), run, out.clone(), cancel));
+                        }
+                        Some(Command::CancelCode(c)) => {
+                            if let Some(token) = running.get(&c.request_id) {
+                                token.cancel();
+                            }
+                        }
+                        Some(Command::OpenTunnel(open)) => {
+                            self.tunnels.spawn(serve_tunnel(
+                                channel.clone(),
+                                self.auth.clone(),
+                                self.ssh.clone(),
+                                open.tunnel_id,
+                                shutdown.clone(),
+                            ));
+                        }
+                        Some(Command::AuthorizedKeys(keys)) => {
+                            self.ssh.set_authorized_keys(&keys.public_keys);
+                        }
+                        Some(Command::Registered(_)) | None => {}
+                    },
+                    Ok(None) => break Ended::Disconnected("grad closed the stream".into()),
+                    Err(status) if is_final(&status) => return Err(status),
+                    Err(status) => break Ended::Disconnected(status.to_string()),
+                },
+            }
+        };
+        // grad has already told the callers of running code that it failed;
+        // interrupt the code so the sessions are free again.
+        for token in running.values() {
+            token.cancel();
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(ended)
+    }
+}
+
+/// Dials back to grad for tunnel `tunnel_id` and runs one SSH connection
+/// over it. Tunnels are separate RPCs: they outlive a dropped agent stream.
+async fn serve_tunnel(
+    channel: Channel,
+    auth: MetadataValue<Ascii>,
+    ssh: Arc<ssh::Server>,
+    tunnel_id: String,
+    shutdown: CancellationToken,
+) {
+    let (out, rx) = mpsc::channel(32);
+    let first = TunnelFrame {
+        tunnel_id: tunnel_id.clone(),
+        ..Default::default()
     };
     // Cannot fail: the channel is new and has room.
-    let _ = out.try_send(register);
+    let _ = out.try_send(first);
     let mut request = Request::new(ReceiverStream::new(rx));
-    request.metadata_mut().insert("authorization", auth.clone());
-    let mut commands = RunnerAgentClient::new(channel)
-        .attach(request)
-        .await?
-        .into_inner();
-    let interval = match commands.message().await? {
-        Some(grad_proto::AgentCommand {
-            command: Some(Command::Registered(r)),
-        }) => Duration::from_millis(r.heartbeat_interval_ms.max(10).into()),
-        _ => {
-            return Err(Status::internal(
-                "grad did not acknowledge the registration",
-            ));
+    request.metadata_mut().insert("authorization", auth);
+    let inbound = match RunnerAgentClient::new(channel).tunnel(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            tracing::warn!(tunnel = %tunnel_id, %status, "cannot open the tunnel");
+            return;
         }
     };
-    tracing::info!(runner = %config.name, server = %config.server, "attached to grad");
-
-    let mut heartbeat = tokio::time::interval(interval);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut running: HashMap<String, CancellationToken> = HashMap::new();
-    let mut tasks: JoinSet<String> = JoinSet::new();
-    let ended = loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break Ended::Shutdown,
-            _ = heartbeat.tick() => {
-                let beat = AgentMessage {
-                    message: Some(Message::Heartbeat(Heartbeat { sessions: sessions.count() as u32 })),
-                };
-                if out.send(beat).await.is_err() {
-                    break Ended::Disconnected("outbound stream closed".into());
-                }
+    let io = TunnelIo::new(inbound, out);
+    tokio::select! {
+        served = ssh.serve(io) => {
+            if let Err(e) = served {
+                tracing::debug!(tunnel = %tunnel_id, error = %e, "ssh connection ended");
             }
-            Some(done) = tasks.join_next() => {
-                if let Ok(request_id) = done {
-                    running.remove(&request_id);
-                }
-            }
-            command = commands.message() => match command {
-                Ok(Some(c)) => match c.command {
-                    Some(Command::RunCode(run)) => {
-                        let cancel = CancellationToken::new();
-                        running.insert(run.request_id.clone(), cancel.clone());
-                        tasks.spawn(run_code(sessions.clone(), run, out.clone(), cancel));
-                    }
-                    Some(Command::CancelCode(c)) => {
-                        if let Some(token) = running.get(&c.request_id) {
-                            token.cancel();
-                        }
-                    }
-                    Some(Command::Registered(_))
-                    | Some(Command::OpenTunnel(_))
-                    | Some(Command::AuthorizedKeys(_))
-                    | None => {}
-                },
-                Ok(None) => break Ended::Disconnected("grad closed the stream".into()),
-                Err(status) if is_final(&status) => return Err(status),
-                Err(status) => break Ended::Disconnected(status.to_string()),
-            },
         }
-    };
-    // grad has already told the callers of running code that it failed;
-    // interrupt the code so the sessions are free again.
-    for token in running.values() {
-        token.cancel();
+        _ = shutdown.cancelled() => {}
     }
-    while tasks.join_next().await.is_some() {}
-    Ok(ended)
 }
 
 async fn run_code(

@@ -1,6 +1,8 @@
 //! grad-runner: the executor inside every runner. [`agent`] dials out to grad
 //! and carries commands and events; [`kernel`] keeps one persistent Python
-//! interpreter per session. See ARCHITECTURE.md ("grad-runner").
+//! interpreter per session; [`ssh`] is the SSH/SFTP server that tunnels from
+//! grad end in. See ARCHITECTURE.md ("grad-runner").
 
 pub mod agent;
 pub mod kernel;
+pub mod ssh;

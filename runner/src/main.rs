@@ -21,6 +21,10 @@ struct Config {
     /// The workspace: code/, outputs/, data/.
     #[arg(long, env = "GRAD_WORKSPACE")]
     workspace: PathBuf,
+    /// Where to keep what must survive restarts (the SSH host key)
+    /// [default: <workspace>/.grad].
+    #[arg(long, env = "GRAD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// The Python interpreter for execute-code.
     #[arg(long, env = "GRAD_PYTHON", default_value = "python3")]
     python: String,
@@ -86,6 +90,9 @@ fn main() -> ExitCode {
                 server: config.server,
                 runner_id: config.runner_id,
                 name: config.name,
+                state_dir: config
+                    .state_dir
+                    .unwrap_or_else(|| config.workspace.join(".grad")),
                 workspace: config.workspace,
                 python: config.python,
                 token,

@@ -91,6 +91,9 @@ impl Local {
             .arg(&r.name)
             .arg("--workspace")
             .arg(&workspace)
+            // Outside the workspace: the host key is not the user's to edit.
+            .arg("--state-dir")
+            .arg(&dir)
             .env("GRAD_RUNNER_TOKEN", &spec.token)
             // A runner without GPUs sees none; with N it sees the first N.
             .env(

@@ -3,7 +3,7 @@
 
 use std::{io, process::ExitCode};
 
-use crate::{client::ClientError, config::ConfigError, output::Format};
+use crate::{client::ClientError, config::ConfigError, output::Format, ssh, transfer};
 
 /// Shown under `gractl --help`; keep it in step with [`Code`].
 pub const HELP: &str = "\
@@ -11,15 +11,21 @@ Exit codes:
     0  success
     1  internal or unexpected error
     2  usage: a bad flag, argument or config file, or the server rejected an argument
-    3  auth: not logged in, invalid or expired token, permission denied
-    4  not found
-    5  precondition: wrong state, already exists, runner failed while waiting,
-       file already exists
-    6  unavailable: cannot reach grad, or the runner could not run the code
-       (execution status \"failed\": no interpreter, interpreter died)
+    3  auth: not logged in, invalid or expired token, permission denied; a runner's
+       SSH host key differs from the one grad recorded, or the runner refused
+       gractl's SSH key
+    4  not found (runners, files for `cp`)
+    5  precondition: wrong state (e.g. runner paused, or no SSH host key recorded
+       yet), already exists, runner failed while waiting, file already exists
+    6  unavailable: cannot reach grad or the runner (the SSH connection failed),
+       or the runner could not run the code (execution status \"failed\": no
+       interpreter, interpreter died)
     7  timeout: --timeout or a --wait deadline passed
     8  the executed code raised an exception (execution status \"error\")
   130  interrupted (Ctrl-C, or the execution was cancelled)
+
+`gractl ssh RUNNER -- COMMAND` exits with COMMAND's status (128+N if signal N
+killed it, 255 if the runner never said); its own failures use the codes above.
 
 Errors go to stderr as `error: MESSAGE`, or with -o json/ndjson as
 {\"error\":{\"code\":\"not_found\",\"message\":\"...\"}}.
@@ -101,6 +107,38 @@ impl Code {
         }
     }
 
+    pub fn from_ssh_error(error: &ssh::Error) -> Code {
+        use ssh::Error as E;
+        match error {
+            E::Grad(error) => Code::from_client_error(error),
+            E::NoHostKey { .. } => Code::Precondition,
+            E::HostKeyMismatch { .. } | E::KeyRejected { .. } => Code::Auth,
+            E::BadHostKey { .. } | E::Output(_) => Code::Internal,
+            E::Ssh { .. }
+            | E::HandshakeTimeout { .. }
+            | E::Channel(_)
+            | E::Refused { .. }
+            | E::Sftp(_) => Code::Unavailable,
+            E::Key { .. } => Code::Usage,
+        }
+    }
+
+    pub fn from_transfer_error(error: &transfer::Error) -> Code {
+        use russh_sftp::client::error::Error as Sftp;
+        use transfer::Error as E;
+        match error {
+            E::NotFound { .. } => Code::NotFound,
+            E::IsDirectory { .. } | E::NotADirectory { .. } => Code::Usage,
+            E::NotADirectoryTarget { .. } => Code::Precondition,
+            E::PermissionDenied { .. } => Code::Auth,
+            E::Local { .. } => Code::Internal,
+            E::Remote { source, .. } => match source {
+                Sftp::Timeout | Sftp::IO(_) => Code::Unavailable,
+                _ => Code::Internal,
+            },
+        }
+    }
+
     /// The class of any error a command returns: the first error in the chain
     /// that knows its class wins; anything else is internal.
     pub fn of(error: &anyhow::Error) -> Code {
@@ -113,6 +151,12 @@ impl Code {
             }
             if let Some(error) = cause.downcast_ref::<ConfigError>() {
                 return Code::from_config_error(error);
+            }
+            if let Some(error) = cause.downcast_ref::<ssh::Error>() {
+                return Code::from_ssh_error(error);
+            }
+            if let Some(error) = cause.downcast_ref::<transfer::Error>() {
+                return Code::from_transfer_error(error);
             }
             if let Some(status) = cause.downcast_ref::<tonic::Status>() {
                 return Code::from_status(status.code());
@@ -152,9 +196,21 @@ impl Failure {
     }
 }
 
+/// A remote command's exit code (`gractl ssh RUNNER -- COMMAND`), passed
+/// through as gractl's own; nothing is printed.
+#[derive(Debug, thiserror::Error)]
+#[error("the remote command exited with status {0}")]
+pub struct RemoteExit(pub u8);
+
 /// Prints `error` to stderr in the shape `format` asks for and returns the
 /// exit code for its class.
 pub fn report(error: &anyhow::Error, format: Format) -> ExitCode {
+    if let Some(RemoteExit(code)) = error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<RemoteExit>())
+    {
+        return ExitCode::from(*code);
+    }
     // A closed pipe (`gractl runner list | head -1`) is the reader's choice, not a failure.
     let broken_pipe = error.chain().any(|cause| {
         cause
@@ -237,6 +293,40 @@ mod tests {
     #[test]
     fn missing_credentials_are_an_auth_failure() {
         assert_eq!(Code::of(&ConfigError::NotLoggedIn.into()), Code::Auth);
+    }
+
+    #[test]
+    fn a_host_key_mismatch_is_an_auth_failure_and_a_missing_one_a_precondition() {
+        let mismatch = ssh::Error::HostKeyMismatch {
+            runner: "r1".into(),
+            expected: "SHA256:a".into(),
+            got: "SHA256:b".into(),
+        };
+        assert_eq!(Code::of(&mismatch.into()), Code::Auth);
+        let missing = ssh::Error::NoHostKey {
+            runner: "r1".into(),
+        };
+        assert_eq!(Code::of(&missing.into()), Code::Precondition);
+        let paused = ssh::Error::Grad(ClientError::from(tonic::Status::failed_precondition(
+            "runner r1 is paused",
+        )));
+        assert_eq!(Code::of(&paused.into()), Code::Precondition);
+    }
+
+    #[test]
+    fn copy_errors_are_classed_by_what_went_wrong() {
+        let missing = transfer::Error::NotFound {
+            path: "r1:x".into(),
+        };
+        assert_eq!(Code::of(&missing.into()), Code::NotFound);
+        let directory = transfer::Error::IsDirectory { path: "d".into() };
+        assert_eq!(Code::of(&directory.into()), Code::Usage);
+    }
+
+    #[test]
+    fn a_remote_exit_status_passes_through_silently() {
+        let error = anyhow::Error::from(RemoteExit(42));
+        assert_eq!(report(&error, Format::Json), ExitCode::from(42));
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! The library holds everything so tests and benchmarks can drive it:
 //! [`client`] (one gRPC connection to grad), [`config`] (login credentials and
 //! workspace `config.yaml`), [`quantity`] (CPU, sizes, durations as typed),
-//! [`output`] (the JSON contract and human tables), [`exit`] (exit codes) and
-//! [`cli`] (the commands). `main.rs` only parses, runs and reports.
+//! [`ssh`] (SSH and SFTP to runners through grad's tunnels, gractl's key,
+//! OpenSSH config), [`sync`] (runners' workspaces mounted locally), [`transfer`] (`gractl cp` over SFTP), [`terminal`] (raw
+//! mode for interactive shells), [`output`] (the JSON contract and human
+//! tables), [`exit`] (exit codes) and [`cli`] (the commands). `main.rs` only
+//! parses, runs and reports.
 
 pub mod cli;
 pub mod client;
@@ -13,5 +16,9 @@ pub mod config;
 pub mod exit;
 pub mod output;
 pub mod quantity;
+pub mod ssh;
+pub mod sync;
+pub mod terminal;
+pub mod transfer;
 
 pub use client::{Client, ClientError};

@@ -22,7 +22,11 @@ fn main() -> ExitCode {
             );
         }
     };
-    match runtime.block_on(cli::run(cli, Environment::from_process())) {
+    let result = runtime.block_on(cli::run(cli, Environment::from_process()));
+    // A read of stdin (`gractl ssh`) may still be blocked in a thread that
+    // cannot be cancelled; exiting must not wait for it.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => exit::report(&error, format),
     }

@@ -262,6 +262,57 @@ pub struct WorkspaceInit {
     pub created: Vec<String>,
 }
 
+/// `-o json` for `gractl cp`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Copied {
+    /// The files written, as destination paths (`r1:code/a.py` or local paths).
+    pub copied: Vec<String>,
+    pub bytes: u64,
+    /// Special files left out, each with why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
+}
+
+/// `-o json` for `gractl ssh-config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SshConfig {
+    /// The OpenSSH configuration text, as printed without `-o json`.
+    pub config: String,
+    /// The runners it has a `Host` block for.
+    pub runners: Vec<String>,
+    pub identity_file: String,
+    pub known_hosts_file: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SshKey {
+    pub fingerprint: String,
+    pub name: String,
+    /// OpenSSH format.
+    pub public_key: String,
+    /// RFC 3339.
+    pub created: Option<String>,
+    /// Whether this is gractl's own key on this machine.
+    pub gractl: bool,
+}
+
+impl SshKey {
+    pub fn new(key: &proto::SshKey, gractl_fingerprint: Option<&str>) -> SshKey {
+        SshKey {
+            fingerprint: key.fingerprint.clone(),
+            name: key.name.clone(),
+            public_key: key.public_key.clone(),
+            created: rfc3339(key.create_time.as_ref()),
+            gractl: gractl_fingerprint == Some(key.fingerprint.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SshKeyList {
+    pub keys: Vec<SshKey>,
+}
+
 /// Column-aligned rows; the last column is not padded.
 #[derive(Debug, Clone, Default)]
 pub struct Table {

@@ -68,6 +68,10 @@ fn help_documents_every_exit_code_and_the_environment() {
         "whoami",
         "workspace",
         "completion",
+        "ssh",
+        "cp",
+        "ssh-config",
+        "ssh-key",
     ] {
         assert!(help.contains(command), "{command} missing from:\n{help}");
     }
@@ -350,4 +354,45 @@ fn completion_scripts_are_generated_for_each_shell() {
         assert!(output.status.success(), "{shell}");
         assert!(stdout(&output).contains("execute-code"), "{shell}");
     }
+}
+
+#[test]
+fn cp_needs_one_side_on_a_runner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = gractl(dir.path(), &["cp", "a.txt", "b.txt"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("RUNNER:PATH"),
+        "{}",
+        stderr(&output)
+    );
+    let output = gractl(dir.path(), &["cp", "r1:a", "r2:b"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+}
+
+#[test]
+fn cp_names_a_missing_or_directory_source_before_connecting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Nothing listens there: these errors come first.
+    let server = format!("--server=127.0.0.1:{}", closed_port());
+    let output = gractl(dir.path(), &[&server, "cp", "./missing.csv", "r1:code/"]);
+    assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+    assert_eq!(
+        stderr(&output),
+        "error: ./missing.csv: no such file or directory\n"
+    );
+    fs::create_dir(dir.path().join("data")).expect("mkdir");
+    let output = gractl(dir.path(), &[&server, "cp", "data", "r1:"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert_eq!(
+        stderr(&output),
+        "error: data is a directory; pass -r/--recursive to copy it\n"
+    );
+}
+
+#[test]
+fn ssh_stdio_takes_no_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = gractl(dir.path(), &["ssh", "--stdio", "r1", "ls"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
 }

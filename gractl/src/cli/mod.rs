@@ -1,10 +1,12 @@
 //! The command line: clap definitions, where settings come from (flags, env,
 //! workspace config, login credentials), and one module per command group.
 
+mod cp;
 mod execute;
 mod execution;
 mod login;
 mod runner;
+mod ssh;
 mod workspace;
 
 use std::{
@@ -17,14 +19,17 @@ use clap::{CommandFactory, Parser, Subcommand};
 use crate::{
     client::Client,
     config::{ConfigError, Credentials, Workspace},
-    exit,
+    exit::{self, Code, Failure},
     output::Format,
+    ssh::{Files, Identity},
 };
 
+pub use cp::{Copy, CpArgs};
 pub use execute::{ExecuteCodeArgs, parse_param};
 pub use execution::ExecutionCommand;
 pub use login::LoginArgs;
 pub use runner::RunnerCommand;
+pub use ssh::{SshArgs, SshConfigArgs, SshKeyCommand};
 pub use workspace::WorkspaceCommand;
 
 const GLOBAL: &str = "Global options";
@@ -70,6 +75,15 @@ pub enum Command {
     /// Past executions of code on a runner
     #[command(subcommand)]
     Execution(ExecutionCommand),
+    /// Open a shell or run a command on a runner over SSH (through grad)
+    Ssh(SshArgs),
+    /// Copy files to or from a runner: `cp ./data.csv r1:code/`, `cp -r r1:outputs .`
+    Cp(CpArgs),
+    /// Print OpenSSH config for your runners, so ssh, scp, rsync and VS Code reach them
+    SshConfig(SshConfigArgs),
+    /// List, add and delete the SSH keys your runners accept
+    #[command(subcommand)]
+    SshKey(SshKeyCommand),
     /// Set up a local workspace directory
     #[command(subcommand)]
     Workspace(WorkspaceCommand),
@@ -90,6 +104,10 @@ pub struct Environment {
     pub default_credentials: Option<PathBuf>,
     /// Where to start looking for a workspace.
     pub cwd: Option<PathBuf>,
+    /// `TERM`, for a remote terminal.
+    pub term: Option<String>,
+    /// `LANG` and `LC_*`, passed to remote shells (as OpenSSH's SendEnv does).
+    pub locale: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Environment {
@@ -99,6 +117,8 @@ impl std::fmt::Debug for Environment {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("default_credentials", &self.default_credentials)
             .field("cwd", &self.cwd)
+            .field("term", &self.term)
+            .field("locale", &self.locale)
             .finish()
     }
 }
@@ -115,6 +135,10 @@ impl Environment {
                 var("HOME").as_deref().map(Path::new),
             ),
             cwd: std::env::current_dir().ok(),
+            term: std::env::var("TERM").ok().filter(|term| !term.is_empty()),
+            locale: std::env::vars()
+                .filter(|(name, _)| name == "LANG" || name.starts_with("LC_"))
+                .collect(),
         }
     }
 }
@@ -124,10 +148,13 @@ pub async fn run(cli: Cli, environment: Environment) -> anyhow::Result<()> {
     let context = Context {
         format: cli.output,
         server: cli.server,
+        explicit_config: cli.config.is_some(),
         credentials_path: cli.config.or(environment.default_credentials),
         workspace_dir: cli.workspace,
         token: environment.token,
         cwd: environment.cwd,
+        term: environment.term,
+        locale: environment.locale,
     };
     match cli.command {
         Command::Login(args) => login::login(&context, args).await,
@@ -135,6 +162,10 @@ pub async fn run(cli: Cli, environment: Environment) -> anyhow::Result<()> {
         Command::Runner(command) => runner::run(&context, command).await,
         Command::ExecuteCode(args) => execute::execute_code(&context, args).await,
         Command::Execution(command) => execution::run(&context, command).await,
+        Command::Ssh(args) => ssh::ssh(&context, args).await,
+        Command::Cp(args) => cp::cp(&context, args).await,
+        Command::SshConfig(args) => ssh::ssh_config(&context, args).await,
+        Command::SshKey(command) => ssh::ssh_key(&context, command).await,
         Command::Workspace(command) => workspace::run(&context, command),
         Command::Completion { shell } => {
             let mut out = io::stdout().lock();
@@ -150,14 +181,45 @@ struct Context {
     format: Format,
     /// `--server` or `GRAD_SERVER`.
     server: Option<String>,
+    /// `--config` or `GRACTL_CONFIG` was given.
+    explicit_config: bool,
     credentials_path: Option<PathBuf>,
     /// `--workspace` or `GRAD_WORKSPACE`.
     workspace_dir: Option<PathBuf>,
     token: Option<String>,
     cwd: Option<PathBuf>,
+    term: Option<String>,
+    locale: Vec<(String, String)>,
 }
 
 impl Context {
+    /// gractl's SSH files, beside the credentials file.
+    fn ssh_files(&self) -> Result<Files, Failure> {
+        let dir = self
+            .credentials_path
+            .as_deref()
+            .and_then(Path::parent)
+            .ok_or_else(|| {
+                Failure::new(
+                    Code::Usage,
+                    "cannot tell where to keep gractl's SSH key: HOME is not set; pass --config FILE",
+                )
+            })?;
+        // A bare `--config config.yaml` means the current directory.
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
+        Ok(Files::in_dir(&dir))
+    }
+
+    /// gractl's SSH key, made on first use.
+    fn identity(&self) -> anyhow::Result<Identity> {
+        Ok(Identity::load_or_create(&self.ssh_files()?.identity)?)
+    }
+
     /// The workspace config, if the command runs in (or names) a workspace.
     fn workspace(&self) -> Result<Option<Workspace>, ConfigError> {
         match &self.workspace_dir {

@@ -34,6 +34,8 @@ pub enum Error {
     },
     #[error("token: {0}")]
     Token(#[from] jsonwebtoken::errors::Error),
+    #[error("serving: {0}")]
+    Serve(#[from] tonic::transport::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -61,7 +63,8 @@ pub fn to_status(err: Error) -> Status {
         | Error::Migrate(_)
         | Error::Backend(_)
         | Error::Io { .. }
-        | Error::Token(_) => {
+        | Error::Token(_)
+        | Error::Serve(_) => {
             tracing::error!(error = %err, "internal error");
             return Status::internal("internal error; see the grad log");
         }

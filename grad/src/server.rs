@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use axum::{http::StatusCode, routing::get, serve::ListenerExt};
+use axum::{http::StatusCode, routing::get};
 use grad_proto::{
     FILE_DESCRIPTOR_SET, exec_server::ExecServer, runner_agent_server::RunnerAgentServer,
     runners_server::RunnersServer, tunnels_server::TunnelsServer, users_server::UsersServer,
@@ -203,13 +203,15 @@ pub async fn serve(
             agents.close_all();
         }
     };
-    let listener = listener.tap_io(|tcp| {
-        // Small request/response messages: latency matters more than batching.
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(signal)
-        .into_future();
+    // Small request/response messages: latency matters more than batching,
+    // so no Nagle. Tunnels carry bulk SSH traffic: large HTTP/2 windows.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20)
+        .add_routes(Routes::from(router))
+        .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     let drained = tokio::select! {
         r = &mut server => r.map(|_| true),
@@ -221,7 +223,7 @@ pub async fn serve(
     match drained {
         Ok(true) => {}
         Ok(false) => tracing::warn!("connections did not drain within the deadline"),
-        Err(e) => return Err(Error::io("serving")(e)),
+        Err(e) => return Err(Error::Serve(e)),
     }
     tracker.close();
     if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())

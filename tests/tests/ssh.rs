@@ -30,7 +30,10 @@ fn have_openssh() -> bool {
 async fn grad_with_runner(name: &str) -> Grad {
     let grad = Grad::start();
     let admin = grad.admin().await;
-    admin.create_runner(name, Resources::default()).await.unwrap();
+    admin
+        .create_runner(name, Resources::default())
+        .await
+        .unwrap();
     admin
         .wait_runner(name, &[RunnerState::Ready], Duration::from_secs(20))
         .await
@@ -61,7 +64,10 @@ fn openssh(grad: &Grad, program: &str, config: &Path) -> Command {
         .arg("BatchMode=yes")
         .env("GRAD_SERVER", &grad.url)
         .env("GRAD_TOKEN", &grad.admin_token)
-        .env("GRACTL_CONFIG", grad.data_dir.join("gractl-test-config.yaml"))
+        .env(
+            "GRACTL_CONFIG",
+            grad.data_dir.join("gractl-test-config.yaml"),
+        )
         .stdin(Stdio::null());
     cmd
 }
@@ -85,9 +91,16 @@ async fn openssh_ssh_sftp_and_scp_work_through_gractl_as_proxy_command() {
     let config = ssh_config(&grad);
     let ws = grad.workspace("admin", "r1");
 
-    let out = openssh(&grad, "ssh", &config).args(["r1", "echo via openssh; python3 -V"]).output().unwrap();
+    let out = openssh(&grad, "ssh", &config)
+        .args(["r1", "echo via openssh; python3 -V"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", out.stderr_str());
-    assert!(out.stdout_str().starts_with("via openssh\nPython 3"), "{}", out.stdout_str());
+    assert!(
+        out.stdout_str().starts_with("via openssh\nPython 3"),
+        "{}",
+        out.stdout_str()
+    );
 
     let local = tempfile::tempdir().unwrap();
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
@@ -109,8 +122,18 @@ async fn openssh_ssh_sftp_and_scp_work_through_gractl_as_proxy_command() {
         ),
     )
     .unwrap();
-    let out = openssh(&grad, "sftp", &config).arg("-b").arg(&batch).arg("r1").output().unwrap();
-    assert!(out.status.success(), "sftp: {}{}", out.stdout_str(), out.stderr_str());
+    let out = openssh(&grad, "sftp", &config)
+        .arg("-b")
+        .arg(&batch)
+        .arg("r1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sftp: {}{}",
+        out.stdout_str(),
+        out.stderr_str()
+    );
     assert_eq!(std::fs::read(local.path().join("back.bin")).unwrap(), data);
     assert!(ws.join("outputs/run1/data.bin").exists());
 }
@@ -125,10 +148,22 @@ async fn sftp_through_grad_cannot_escape_the_workspace() {
     let local = tempfile::tempdir().unwrap();
     for path in ["../../../../etc/passwd", "/../etc/passwd", "../../grad.db"] {
         let batch = local.path().join("batch");
-        std::fs::write(&batch, format!("get {path} {}\n", local.path().join("stolen").display())).unwrap();
-        let out = openssh(&grad, "sftp", &config).arg("-b").arg(&batch).arg("r1").output().unwrap();
+        std::fs::write(
+            &batch,
+            format!("get {path} {}\n", local.path().join("stolen").display()),
+        )
+        .unwrap();
+        let out = openssh(&grad, "sftp", &config)
+            .arg("-b")
+            .arg(&batch)
+            .arg("r1")
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "sftp fetched {path}");
-        assert!(!local.path().join("stolen").exists(), "{path} escaped the workspace");
+        assert!(
+            !local.path().join("stolen").exists(),
+            "{path} escaped the workspace"
+        );
     }
 }
 
@@ -143,30 +178,56 @@ async fn gractl_cp_copies_files_and_directories_both_ways() {
     std::fs::write(tree.join("sub/b.txt"), "beta").unwrap();
 
     let out = gractl(&grad, &["cp", tree.to_str().unwrap(), "r1:code/"]);
-    assert_eq!(out.code(), 2, "a directory without -r: {}", out.stderr_str());
+    assert_eq!(
+        out.code(),
+        2,
+        "a directory without -r: {}",
+        out.stderr_str()
+    );
     assert!(out.stderr_str().contains("-r"), "{}", out.stderr_str());
 
     let out = gractl(&grad, &["cp", "-r", tree.to_str().unwrap(), "r1:code/"]);
     assert!(out.status.success(), "{}", out.stderr_str());
-    assert_eq!(std::fs::read_to_string(ws.join("code/tree/sub/b.txt")).unwrap(), "beta");
+    assert_eq!(
+        std::fs::read_to_string(ws.join("code/tree/sub/b.txt")).unwrap(),
+        "beta"
+    );
 
     std::fs::write(ws.join("outputs/plot.png"), b"\x89PNG fake").unwrap();
-    let out = gractl(&grad, &["cp", "r1:outputs/plot.png", local.path().to_str().unwrap()]);
+    let out = gractl(
+        &grad,
+        &["cp", "r1:outputs/plot.png", local.path().to_str().unwrap()],
+    );
     assert!(out.status.success(), "{}", out.stderr_str());
-    assert_eq!(std::fs::read(local.path().join("plot.png")).unwrap(), b"\x89PNG fake");
+    assert_eq!(
+        std::fs::read(local.path().join("plot.png")).unwrap(),
+        b"\x89PNG fake"
+    );
 
     let out = gractl(&grad, &["cp", "r1:outputs/missing.csv", "."]);
     assert!(!out.status.success());
-    assert!(out.stderr_str().contains("missing.csv"), "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("missing.csv"),
+        "{}",
+        out.stderr_str()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_token_cannot_reach_the_runner_over_ssh() {
     let grad = grad_with_runner("r1").await;
     let bob = grad.add_user("bob", &[]);
-    let out = grad.gractl(&bob).args(["ssh", "r1", "--", "true"]).output().unwrap();
+    let out = grad
+        .gractl(&bob)
+        .args(["ssh", "r1", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(out.code(), 4, "{}", out.stderr_str());
-    let out = grad.gractl(&bob).args(["ssh", "--stdio", "r1"]).output().unwrap();
+    let out = grad
+        .gractl(&bob)
+        .args(["ssh", "--stdio", "r1"])
+        .output()
+        .unwrap();
     assert_ne!(out.code(), 0);
 }
 
@@ -175,7 +236,10 @@ async fn a_host_key_other_than_the_one_grad_recorded_is_refused() {
     let grad = Grad::start();
     let admin = grad.admin().await;
     for name in ["r1", "r2"] {
-        admin.create_runner(name, Resources::default()).await.unwrap();
+        admin
+            .create_runner(name, Resources::default())
+            .await
+            .unwrap();
         admin
             .wait_runner(name, &[RunnerState::Ready], Duration::from_secs(20))
             .await
@@ -199,5 +263,70 @@ async fn a_host_key_other_than_the_one_grad_recorded_is_refused() {
     assert!(status.success());
     let out = gractl(&grad, &["ssh", "r1", "--", "true"]);
     assert_ne!(out.code(), 0);
-    assert!(out.stderr_str().contains("host key"), "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("host key"),
+        "{}",
+        out.stderr_str()
+    );
+}
+
+/// Drives `gractl ssh r1` on a pseudo-terminal, as a person at a terminal does.
+const PTY_DRIVER: &str = r#"
+import os, pty, select, sys, time
+gractl = sys.argv[1]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(gractl, [gractl, "ssh", "r1"])
+seen = b""
+def expect(needle, timeout=15):
+    global seen
+    deadline = time.time() + timeout
+    while needle not in seen:
+        left = deadline - time.time()
+        if left <= 0:
+            sys.exit("timed out waiting for %r; saw %r" % (needle, seen[-500:]))
+        r, _, _ = select.select([fd], [], [], left)
+        if r:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:
+                break
+    seen = seen[seen.index(needle) + len(needle):]
+os.write(fd, b"echo answer=$((6*7))\n")
+expect(b"answer=42")
+os.write(fd, b"tty\n")
+expect(b"/dev/pts/")
+os.write(fd, b"sleep 30\n")
+time.sleep(0.5)
+os.write(fd, b"\x03")  # Ctrl-C goes to the remote sleep, not to gractl
+os.write(fd, b"echo after=$((1+1))\n")
+expect(b"after=2", timeout=10)
+os.write(fd, b"exit 5\n")
+_, status = os.waitpid(pid, 0)
+print("exit", os.waitstatus_to_exitcode(status))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_shell_runs_on_a_pty_and_ctrl_c_reaches_the_runner() {
+    let grad = grad_with_runner("r1").await;
+    let out = Command::new(grad_tests::python())
+        .arg("-c")
+        .arg(PTY_DRIVER)
+        .arg(grad_tests::bin("gractl"))
+        .env("GRAD_SERVER", &grad.url)
+        .env("GRAD_TOKEN", &grad.admin_token)
+        .env(
+            "GRACTL_CONFIG",
+            grad.data_dir.join("gractl-test-config.yaml"),
+        )
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        out.stdout_str(),
+        out.stderr_str()
+    );
+    assert_eq!(out.stdout_str().trim(), "exit 5", "{}", out.stderr_str());
 }

@@ -9,7 +9,7 @@
 # Each step runs ROUNDS times per mount; prints medians and grad/sshfs ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${BIN:-target/release}
+BIN=$(realpath "${BIN:-target/release}")
 ROUNDS=${ROUNDS:-3}
 SIZE_MB=${SIZE_MB:-256}
 SMALL=${SMALL:-2000}
@@ -22,7 +22,7 @@ TMP=$(mktemp -d /tmp/grad-bench-sync.XXXXXX)
 GRAD_PID= SSHD_PID=
 cleanup() {
   set +e
-  [ -n "${WS:-}" ] && GRACTL workspace unsync >/dev/null 2>&1
+  [ -n "${WS:-}" ] && (cd "$WS" && GRACTL workspace unsync >/dev/null 2>&1)
   fusermount3 -u "$TMP/sshfs" 2>/dev/null
   [ -n "$SSHD_PID" ] && kill "$SSHD_PID" 2>/dev/null
   [ -n "$GRAD_PID" ] && kill "$GRAD_PID" 2>/dev/null && wait "$GRAD_PID" 2>/dev/null

@@ -5,7 +5,9 @@
 //!
 //! Two links: OpenSSH's `sftp-server` on pipes (the filesystems alone) and
 //! a private `sshd -i` (SSH included: gractl's russh client against
-//! OpenSSH's `ssh` under sshfs).
+//! OpenSSH's `ssh` under sshfs). The remote directory is on tmpfs, so the
+//! disk is not what is measured. The machine's other load shows in the
+//! numbers: compare the columns of one run, not runs.
 
 #![allow(clippy::unwrap_used)] // a panic is the failure report
 
@@ -79,7 +81,7 @@ trait Side {
 fn workloads(side: &mut dyn Side) -> [f64; 5] {
     let point = tempfile::tempdir().unwrap();
     let point = point.path();
-    let mut remount = |side: &mut dyn Side| {
+    let remount = |side: &mut dyn Side| {
         side.unmount(point);
         drop_caches();
         side.mount(point);
@@ -138,6 +140,17 @@ struct Gractl {
     mount: Option<Mount>,
 }
 
+impl Gractl {
+    fn new(root: &Path, connect: Connect) -> Gractl {
+        Gractl {
+            runtime: tokio::runtime::Runtime::new().unwrap(),
+            root: root.to_owned(),
+            connect,
+            mount: None,
+        }
+    }
+}
+
 impl Side for Gractl {
     fn mount(&mut self, point: &Path) {
         let options = Options {
@@ -176,25 +189,11 @@ impl Side for Sshfs {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Ok(n) = std::env::var("WORKERS") {
-        builder.worker_threads(n.parse().unwrap());
-    }
-    builder.enable_all().build().unwrap()
-}
-
-#[test]
-#[ignore = "a measurement"]
-fn over_sftp_server_pipes_side_by_side_with_sshfs() {
-    if !ready() {
-        return;
-    }
-    let remote = tempfile::tempdir().unwrap();
-    let root = remote.path().canonicalize().unwrap();
-    let server_root = root.clone();
-    let connect = connect_with(move || {
-        let root = server_root.clone();
+/// `sftp-server` in `root`, on pipes.
+fn sftp_server(root: &Path) -> Connect {
+    let root = root.to_owned();
+    connect_with(move || {
+        let root = root.clone();
         async move {
             let mut child = tokio::process::Command::new(SFTP_SERVER)
                 .current_dir(&root)
@@ -204,13 +203,38 @@ fn over_sftp_server_pipes_side_by_side_with_sshfs() {
             let (stdin, stdout) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
             Ok::<_, std::io::Error>(tokio::io::join(stdout, stdin))
         }
-    });
-    let mut ours = Gractl {
-        runtime: runtime(),
-        root: root.clone(),
-        connect,
-        mount: None,
-    };
+    })
+}
+
+/// SSH to a fresh `sshd -i` (kept in `sshds` while in use), then its SFTP
+/// subsystem, as the workspace sync reaches a runner.
+fn over_ssh(
+    server: &Arc<common::Server>,
+    sshds: &Arc<Mutex<Vec<tokio::process::Child>>>,
+) -> Connect {
+    let (server, sshds) = (Arc::clone(server), Arc::clone(sshds));
+    connect_with(move || {
+        let (server, sshds) = (Arc::clone(&server), Arc::clone(&sshds));
+        async move {
+            let (child, stream) = server.spawn();
+            sshds.lock().unwrap().push(child);
+            let handle =
+                ssh::connect_stream(stream, "bench", &server.host_key, &server.identity, "root")
+                    .await?;
+            daemon::sftp_stream(handle).await
+        }
+    })
+}
+
+#[test]
+#[ignore = "a measurement"]
+fn over_sftp_server_pipes_side_by_side_with_sshfs() {
+    if !ready() {
+        return;
+    }
+    let remote = tempfile::tempdir_in("/dev/shm").unwrap();
+    let root = remote.path().to_owned();
+    let mut ours = Gractl::new(&root, sftp_server(&root));
     // sshfs runs this instead of ssh: sftp-server in the remote directory.
     let script = root.join(".fake-ssh");
     fs::write(
@@ -232,28 +256,11 @@ fn over_ssh_side_by_side_with_sshfs() {
     if !ready() {
         return;
     }
-    let server = common::Server::new().unwrap();
-    let root = server.files().canonicalize().unwrap();
-    let server = Arc::new(server);
+    let server = Arc::new(common::Server::new().unwrap());
+    let remote = tempfile::tempdir_in("/dev/shm").unwrap();
+    let root = remote.path().to_owned();
     let sshds = Arc::new(Mutex::new(Vec::new()));
-    let (for_connect, sshds_for_connect) = (Arc::clone(&server), Arc::clone(&sshds));
-    let connect = connect_with(move || {
-        let (server, sshds) = (Arc::clone(&for_connect), Arc::clone(&sshds_for_connect));
-        async move {
-            let (child, stream) = server.spawn();
-            sshds.lock().unwrap().push(child);
-            let handle =
-                ssh::connect_stream(stream, "bench", &server.host_key, &server.identity, "root")
-                    .await?;
-            daemon::sftp_stream(handle).await
-        }
-    });
-    let mut ours = Gractl {
-        runtime: runtime(),
-        root: root.clone(),
-        connect,
-        mount: None,
-    };
+    let mut ours = Gractl::new(&root, over_ssh(&server, &sshds));
     let mut theirs = Sshfs {
         remote: format!("root@bench:{}", root.display()),
         options: vec![
@@ -270,56 +277,53 @@ fn over_ssh_side_by_side_with_sshfs() {
         ],
     };
     compare("over SSH (sshd -i)", &mut ours, &mut theirs);
-    drop(sshds);
 }
 
+/// CPU seconds this process has used (all threads).
+fn cpu_seconds() -> f64 {
+    let stat = fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// Sequential write and read through the mount only, with the CPU time the
+/// mount's process spent: what the filesystem costs per byte.
 #[test]
 #[ignore = "a measurement"]
-fn zz_profile_ours_over_ssh() {
+fn sequential_throughput_and_cpu_of_the_mount() {
     if !ready() {
         return;
     }
-    let server = common::Server::new().unwrap();
-    let root = server.files().canonicalize().unwrap();
-    let server = Arc::new(server);
+    let server = Arc::new(common::Server::new().unwrap());
+    let remote = tempfile::tempdir_in("/dev/shm").unwrap();
+    let root = remote.path().to_owned();
     let sshds = Arc::new(Mutex::new(Vec::new()));
-    let (for_connect, sshds_for_connect) = (Arc::clone(&server), Arc::clone(&sshds));
-    let connect = connect_with(move || {
-        let (server, sshds) = (Arc::clone(&for_connect), Arc::clone(&sshds_for_connect));
-        async move {
-            let (child, stream) = server.spawn();
-            sshds.lock().unwrap().push(child);
-            let handle =
-                ssh::connect_stream(stream, "bench", &server.host_key, &server.identity, "root")
-                    .await?;
-            daemon::sftp_stream(handle).await
-        }
-    });
-    let mut ours = Gractl {
-        runtime: runtime(),
-        root: root.clone(),
-        connect,
-        mount: None,
-    };
-    let point = tempfile::tempdir().unwrap();
-    let point = point.path();
-    ours.mount(point);
-    let mode = std::env::var("PROFILE_MODE").unwrap_or_default();
-    eprintln!("READY {}", std::process::id());
-    std::thread::sleep(Duration::from_secs(2));
-    for _ in 0..3 {
-        let t = timed(
-            point,
-            "dd if=/dev/zero of=seq.bin bs=1M count=256 conv=fsync 2>/dev/null",
-        );
-        eprintln!("write {:.0} MB/s", 268.0 / t.as_secs_f64());
-        if mode == "read" {
+    for (link, connect) in [
+        ("sftp-server on pipes", sftp_server(&root)),
+        ("SSH (sshd -i)", over_ssh(&server, &sshds)),
+    ] {
+        let mut ours = Gractl::new(&root, connect);
+        let point = tempfile::tempdir().unwrap();
+        let point = point.path();
+        ours.mount(point);
+        for _ in 0..RUNS {
+            let cpu = cpu_seconds();
+            let took = timed(
+                point,
+                "dd if=/dev/zero of=seq.bin bs=1M count=256 conv=fsync 2>/dev/null",
+            );
+            let write = (268.4 / took.as_secs_f64(), cpu_seconds() - cpu);
             ours.unmount(point);
-            drop_caches();
             ours.mount(point);
-            let t = timed(point, "cat seq.bin > /dev/null");
-            eprintln!("read {:.0} MB/s", 268.0 / t.as_secs_f64());
+            let cpu = cpu_seconds();
+            let took = timed(point, "cat seq.bin > /dev/null");
+            let read = (268.4 / took.as_secs_f64(), cpu_seconds() - cpu);
+            eprintln!(
+                "{link}: write {:.0} MB/s ({:.2} s CPU), read {:.0} MB/s ({:.2} s CPU)",
+                write.0, write.1, read.0, read.1
+            );
         }
+        ours.unmount(point);
     }
-    ours.unmount(point);
 }

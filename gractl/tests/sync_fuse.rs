@@ -9,7 +9,6 @@
 //! (`/usr/lib/openssh/sftp-server`); without them the tests skip with a
 //! message, unless CI=true.
 
-#![allow(unsafe_code)]
 #![allow(clippy::unwrap_used)] // a panic is the failure report
 
 use std::{
@@ -22,7 +21,12 @@ use std::{
     time::{Duration, Instant, UNIX_EPOCH},
 };
 
-use gractl::sync::{self, Connect, Mount, Options, connect_with, state};
+use gractl::sync::{
+    self, Connect, Mount, Options, connect_with,
+    daemon::{Change, Daemon},
+    state::{self, State},
+};
+use grad_proto::{Runner, RunnerState};
 use sha2::{Digest, Sha256};
 
 const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
@@ -482,19 +486,131 @@ fn a_busy_mount_is_detached_on_unmount() {
     drop(open);
 }
 
+fn runner(name: &str, state: RunnerState) -> Runner {
+    Runner {
+        name: name.into(),
+        state: state as i32,
+        ..Runner::default()
+    }
+}
+
 #[test]
-#[ignore]
-fn zz_trace_creates() {
-    let Some(fx) = Fixture::new() else { return };
-    fs::create_dir(fx.mnt("small")).unwrap();
-    unsafe { std::env::set_var("DBGFS", "1") };
-    let t = Instant::now();
-    let status = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("for i in $(seq 3); do echo $i > small/f$i; done")
-        .current_dir(fx.point.path())
-        .status()
+fn the_daemon_mounts_ready_runners_and_unmounts_paused_and_deleted_ones() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
         .unwrap();
-    eprintln!("DBG total {:?} {status}", t.elapsed());
-    unsafe { std::env::remove_var("DBGFS") };
+    let workspace = tempfile::tempdir().unwrap();
+    let remote = tempfile::tempdir().unwrap();
+    let remote = remote.path().canonicalize().unwrap();
+    for name in ["r1", "r2", "r3"] {
+        fs::create_dir(remote.join(name)).unwrap();
+    }
+    fs::write(remote.join("r2/on-r2.txt"), "r2").unwrap();
+    let servers = Arc::new(Mutex::new(Vec::new()));
+    let connector = {
+        let remote = remote.clone();
+        move |name: &str| sftp_server(remote.join(name), Arc::clone(&servers))
+    };
+    // sftp-server's root is its working directory, given as an absolute path.
+    let mut daemon = Daemon::new(
+        workspace.path(),
+        |name: &str| connector(name),
+        Options {
+            root: ".".into(),
+            cache_ttl: TTL,
+            ..Options::default()
+        },
+    );
+    let at = |name: &str| workspace.path().join("runners").join(name);
+
+    let runners = [
+        runner("r1", RunnerState::Ready),
+        runner("r2", RunnerState::Ready),
+        runner("r3", RunnerState::Paused),
+    ];
+    let mut changes = runtime.block_on(daemon.scan(&runners)).unwrap();
+    changes.sort_by_key(|change| format!("{change}"));
+    assert_eq!(
+        changes,
+        [
+            Change::Mounted {
+                runner: "r1".into(),
+                path: "runners/r1".into()
+            },
+            Change::Mounted {
+                runner: "r2".into(),
+                path: "runners/r2".into()
+            },
+        ]
+    );
+    assert_eq!(changes[0].to_string(), "mounted r1 at runners/r1");
+    assert!(state::is_mounted(&at("r1")) && state::is_mounted(&at("r2")));
+    assert!(!state::is_mounted(&at("r3")));
+    assert_eq!(
+        fs::read_to_string(at("r2").join("on-r2.txt")).unwrap(),
+        "r2"
+    );
+    fs::write(at("r1").join("from-laptop.txt"), "hi").unwrap();
+    assert_eq!(
+        fs::read_to_string(remote.join("r1/from-laptop.txt")).unwrap(),
+        "hi"
+    );
+
+    let state = State::load(workspace.path()).unwrap().unwrap();
+    assert_eq!(state.pid, std::process::id());
+    assert_eq!(state.scans, 1);
+    let names: Vec<&str> = state.mounts.iter().map(|m| m.runner.as_str()).collect();
+    assert_eq!(names, ["r1", "r2"]);
+    assert!(state.mounts.iter().all(|m| m.connected));
+
+    // A second scan leaves existing mounts alone and mounts new ones.
+    let runners = [
+        runner("r1", RunnerState::Ready),
+        runner("r2", RunnerState::Ready),
+        runner("r3", RunnerState::Ready),
+    ];
+    let changes = runtime.block_on(daemon.scan(&runners)).unwrap();
+    assert_eq!(
+        changes,
+        [Change::Mounted {
+            runner: "r3".into(),
+            path: "runners/r3".into()
+        }]
+    );
+
+    // Paused and deleted runners are unmounted.
+    let runners = [
+        runner("r1", RunnerState::Paused),
+        runner("r3", RunnerState::Ready),
+    ];
+    let changes = runtime.block_on(daemon.prune(&runners)).unwrap();
+    assert_eq!(
+        changes,
+        [
+            Change::Unmounted {
+                runner: "r1".into(),
+                reason: "paused".into()
+            },
+            Change::Unmounted {
+                runner: "r2".into(),
+                reason: "deleted".into()
+            },
+        ]
+    );
+    assert!(!state::is_mounted(&at("r1")) && !state::is_mounted(&at("r2")));
+    assert!(state::is_mounted(&at("r3")));
+    let state = State::load(workspace.path()).unwrap().unwrap();
+    let names: Vec<&str> = state.mounts.iter().map(|m| m.runner.as_str()).collect();
+    assert_eq!(names, ["r3"]);
+
+    // Stopping unmounts the rest and removes the state file.
+    let changes = runtime.block_on(daemon.stop());
+    assert_eq!(changes.len(), 1);
+    assert!(!state::is_mounted(&at("r3")));
+    assert_eq!(State::load(workspace.path()).unwrap(), None);
 }

@@ -166,7 +166,7 @@ pub async fn run(cli: Cli, environment: Environment) -> anyhow::Result<()> {
         Command::Cp(args) => cp::cp(&context, args).await,
         Command::SshConfig(args) => ssh::ssh_config(&context, args).await,
         Command::SshKey(command) => ssh::ssh_key(&context, command).await,
-        Command::Workspace(command) => workspace::run(&context, command),
+        Command::Workspace(command) => workspace::run(&context, command).await,
         Command::Completion { shell } => {
             let mut out = io::stdout().lock();
             clap_complete::generate(shell, &mut Cli::command(), "gractl", &mut out);
@@ -177,6 +177,7 @@ pub async fn run(cli: Cli, environment: Environment) -> anyhow::Result<()> {
 
 /// Settings for one command, resolved lazily so a command only reads the
 /// files it needs.
+#[derive(Clone)]
 struct Context {
     format: Format,
     /// `--server` or `GRAD_SERVER`.

@@ -46,6 +46,11 @@ pub enum Error {
     State(#[from] state::Error),
 }
 
+/// Where a runner is mounted: `runners/<name>`, relative to the workspace.
+pub fn mount_path(runner: &str) -> String {
+    format!("runners/{runner}")
+}
+
 /// Something the daemon did, as `gractl workspace sync` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -92,11 +97,6 @@ where
         }
     }
 
-    /// `runners/<name>`, relative to the workspace.
-    pub fn relative_path(runner: &str) -> String {
-        format!("runners/{runner}")
-    }
-
     /// Mounts every ready runner that is not mounted yet; counts a scan.
     pub async fn scan(&mut self, runners: &[Runner]) -> Result<Vec<Change>, Error> {
         let mut mounting = JoinSet::new();
@@ -105,7 +105,7 @@ where
                 continue;
             }
             let name = runner.name.clone();
-            let path = self.workspace.join(Self::relative_path(&name));
+            let path = self.workspace.join(mount_path(&name));
             let connect = (self.connector)(&name);
             let options = Options {
                 name: format!("gractl:{name}"),
@@ -134,7 +134,7 @@ where
             };
             match result {
                 Ok(mount) => {
-                    let path = Self::relative_path(&runner);
+                    let path = mount_path(&runner);
                     tracing::info!(runner, path, "mounted");
                     self.state.mounts.push(Mounted {
                         runner: runner.clone(),
@@ -186,10 +186,10 @@ where
                 (None, true) => "unmounted from outside",
                 (None, false) => continue,
             };
-            if let Some(mount) = self.mounts.remove(&name) {
-                if let Err(error) = mount.unmount().await {
-                    tracing::warn!(runner = name, error = error_chain(&error), "unmount failed");
-                }
+            if let Some(mount) = self.mounts.remove(&name)
+                && let Err(error) = mount.unmount().await
+            {
+                tracing::warn!(runner = name, error = error_chain(&error), "unmount failed");
             }
             tracing::info!(runner = name, reason, "unmounted");
             self.state.mounts.retain(|mounted| mounted.runner != name);

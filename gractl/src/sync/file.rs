@@ -245,6 +245,23 @@ impl FileData {
     }
 }
 
+/// What a read returns: its own bytes, or a part of a chunk.
+pub(crate) enum Bytes {
+    Owned(Vec<u8>),
+    Shared(Arc<Vec<u8>>, std::ops::Range<usize>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Owned(data) => data,
+            Bytes::Shared(data, range) => data.get(range.clone()).unwrap_or_default(),
+        }
+    }
+}
+
 /// A chunk requested ahead of the reader.
 #[derive(Clone)]
 struct Chunk {
@@ -371,11 +388,24 @@ impl OpenFile {
         size: u32,
         known_size: Option<u64>,
         tasks: &TaskTracker,
-    ) -> Result<Vec<u8>, Errno> {
+    ) -> Result<Bytes, Errno> {
         self.data.push(tasks);
         let handle = self.read_handle(remote, path).await?;
         let end = offset + u64::from(size);
         let chunks = self.plan(&handle, offset, end, known_size, tasks);
+        // Most reads lie in one chunk: answered from it, without a copy.
+        if let Some(chunk) = chunks.first().filter(|c| c.offset <= offset).cloned() {
+            let (chunk_offset, chunk_len) = (chunk.offset, chunk.len);
+            let data = self.chunk(chunk).await?;
+            let data_end = chunk_offset + data.len() as u64;
+            let at_end =
+                data.len() < chunk_len as usize && known_size.is_some_and(|s| data_end >= s);
+            if data_end >= end || at_end {
+                let from = ((offset - chunk_offset) as usize).min(data.len());
+                let to = ((end.min(data_end)) - chunk_offset) as usize;
+                return Ok(Bytes::Shared(data, from..to.max(from)));
+            }
+        }
         let mut out = Vec::with_capacity(size as usize);
         let mut pos = offset;
         for chunk in chunks {
@@ -383,14 +413,7 @@ impl OpenFile {
                 break;
             }
             let (chunk_offset, chunk_len) = (chunk.offset, chunk.len);
-            let data = match chunk.get().await {
-                Ok(data) => data,
-                Err(error) => {
-                    // Not kept: the next read asks again.
-                    lock(&self.read).chunks.clear();
-                    return Err(error);
-                }
-            };
+            let data = self.chunk(chunk).await?;
             let data_end = chunk_offset + data.len() as u64;
             if data_end > pos {
                 let from = (pos - chunk_offset) as usize;
@@ -402,7 +425,7 @@ impl OpenFile {
                 // End of file, or a server that answered short: the size
                 // as known tells which.
                 if known_size.is_some_and(|size| pos >= size) {
-                    return Ok(out);
+                    return Ok(Bytes::Owned(out));
                 }
                 break;
             }
@@ -417,7 +440,16 @@ impl OpenFile {
             pos += data.len() as u64;
             out.extend_from_slice(&data);
         }
-        Ok(out)
+        Ok(Bytes::Owned(out))
+    }
+
+    /// The data of a chunk; a failed one is dropped so the next read asks again.
+    async fn chunk(&self, chunk: Chunk) -> Result<Arc<Vec<u8>>, Errno> {
+        let result = chunk.get().await;
+        if result.is_err() {
+            lock(&self.read).chunks.clear();
+        }
+        result
     }
 
     /// Decides what to request ahead of a read of `offset..end` and returns
@@ -480,15 +512,15 @@ impl OpenFile {
     }
 }
 
+/// Requests a chunk. The request is sent here, so chunks go out in file
+/// order and the server answers first the one the reader needs next; a task
+/// waits for the answer.
 fn fetch(handle: &Arc<RemoteHandle>, offset: u64, len: u32, tasks: &TaskTracker) -> Chunk {
     let (sender, receiver) = watch::channel(None);
     let handle = Arc::clone(handle);
+    let request = start(async move { handle.conn.read(&handle.id, offset, len).await });
     tasks.spawn(async move {
-        let data = handle
-            .conn
-            .read(&handle.id, offset, len)
-            .await
-            .map(Arc::new);
+        let data = request.await.map(Arc::new);
         let _ = sender.send(Some(data));
     });
     Chunk {

@@ -1,16 +1,25 @@
 //! The FUSE filesystem: kernel requests in, SFTP requests out.
 //!
-//! fuser calls in on one thread; each callback either answers from the
-//! caches at once or moves its reply into a task on the tokio runtime, so
-//! that many requests are in flight together and the kernel's loop never
-//! waits on the network.
+//! fuser calls in on one thread. Each callback runs its work right there
+//! until the work first waits (by then its SFTP request is on the wire, or
+//! the answer came from the caches), then hands the rest, reply included,
+//! to a task on the tokio runtime: many requests are in flight together and
+//! the kernel's loop never waits on the network.
+//!
+//! Files are shown as the mounting user's, with the server's permission
+//! bits; the server decides what is allowed. Data written here reaches the
+//! server at `close`/`fsync` at the latest (sooner in 255 KiB pieces);
+//! changes made on the server show here within the cache TTL.
 //!
 //! Not supported: extended attributes (ENOSYS, which the kernel reports to
 //! programs as "not supported"), POSIX and BSD locks (the kernel keeps them
 //! locally, per machine), special files other than regular ones (mknod of a
-//! FIFO, socket or device is EPERM), changing owners (EPERM: everything is
-//! shown as the mounting user's), RENAME_EXCHANGE (EINVAL), and names that
-//! are not UTF-8 (EINVAL). Times go to the server in whole seconds (SFTP v3).
+//! FIFO, socket or device is EPERM), changing owners (EPERM), hard links
+//! where the server lacks `hardlink@openssh.com` (EPERM), RENAME_EXCHANGE
+//! (EINVAL), and names that are not UTF-8 (EINVAL). Times go to the server
+//! in whole seconds (SFTP v3). After a reconnection, files open for reading
+//! are opened again; files open for writing fail with EIO (what was in
+//! flight is lost).
 
 use std::{
     collections::HashMap,
@@ -36,7 +45,7 @@ use tokio::runtime::Handle;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    file::{FileData, OpenFile, lock},
+    file::{Bytes, FileData, OpenFile, lock},
     nodes::{Entry, Nodes, Owner, ROOT, join, new_attr, split, to_attr},
     remote::{Conn, Remote, Started, start},
 };
@@ -584,7 +593,7 @@ impl Core {
         })
     }
 
-    async fn read(&self, file: &OpenFile, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    async fn read(&self, file: &OpenFile, offset: u64, size: u32) -> Result<Bytes, Errno> {
         let (path, known_size) = {
             let nodes = self.nodes();
             let path = nodes.get(file.ino)?.path.clone();
@@ -821,15 +830,7 @@ impl Fs {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let _runtime = self.core.runtime.enter();
-        let t0 = std::time::Instant::now();
-        let fut = work(Arc::clone(&self.core));
-        let fut = async move {
-            fut.await;
-            if std::env::var_os("DBGFS").is_some() {
-                eprintln!("DBG done after {:?}", t0.elapsed());
-            }
-        };
-        let started = start(fut);
+        let started = start(work(Arc::clone(&self.core)));
         if let Started::Running(_) = started {
             self.core.tasks.spawn_on(started, &self.core.runtime);
         }
@@ -875,9 +876,6 @@ impl Filesystem for Fs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG lookup");
-        }
         let name = match utf8(name) {
             Ok(name) => name,
             Err(error) => return reply.error(error),
@@ -891,16 +889,10 @@ impl Filesystem for Fs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG forget");
-        }
         self.core.nodes().forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG getattr");
-        }
         if let Some((attr, ttl)) = self.core.nodes().fresh(ino.0) {
             return reply.attr(&ttl, &attr);
         }
@@ -930,9 +922,6 @@ impl Filesystem for Fs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG setattr");
-        }
         self.run(move |core| async move {
             match core
                 .setattr(ino.0, mode, uid, gid, size, atime, mtime)
@@ -967,9 +956,6 @@ impl Filesystem for Fs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG mknod");
-        }
         let name = match utf8(name) {
             Ok(name) => name,
             Err(error) => return reply.error(error),
@@ -1000,9 +986,6 @@ impl Filesystem for Fs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG unlink");
-        }
         let name = match utf8(name) {
             Ok(name) => name,
             Err(error) => return reply.error(error),
@@ -1081,9 +1064,6 @@ impl Filesystem for Fs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG open");
-        }
         self.run(move |core| async move {
             match core.open(ino.0, flags).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
@@ -1103,9 +1083,6 @@ impl Filesystem for Fs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG read");
-        }
         let Some(file) = self.core.file(fh) else {
             return reply.error(Errno::EBADF);
         };
@@ -1129,9 +1106,6 @@ impl Filesystem for Fs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG write");
-        }
         let Some(file) = self.core.file(fh) else {
             return reply.error(Errno::EBADF);
         };
@@ -1154,9 +1128,6 @@ impl Filesystem for Fs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG flush");
-        }
         let Some(file) = self.core.file(fh).filter(|file| file.writable) else {
             return reply.ok();
         };
@@ -1175,9 +1146,6 @@ impl Filesystem for Fs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG release");
-        }
         self.run(move |core| async move {
             reply_empty(reply, core.release(fh).await);
         });
@@ -1200,9 +1168,6 @@ impl Filesystem for Fs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG opendir");
-        }
         self.run(move |core| async move {
             match core.opendir(ino.0).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
@@ -1244,9 +1209,6 @@ impl Filesystem for Fs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG readdirplus");
-        }
         let Some(entries) = lock(&self.core.dirs).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -1282,9 +1244,6 @@ impl Filesystem for Fs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG releasedir");
-        }
         lock(&self.core.dirs).remove(&fh.0);
         reply.ok();
     }
@@ -1313,9 +1272,6 @@ impl Filesystem for Fs {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG access");
-        }
         let uid = req.uid();
         self.run(move |core| async move {
             reply_empty(reply, core.access(ino.0, mask, uid).await);
@@ -1332,9 +1288,6 @@ impl Filesystem for Fs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        if std::env::var_os("DBGFS").is_some() {
-            eprintln!("DBG create");
-        }
         let name = match utf8(name) {
             Ok(name) => name,
             Err(error) => return reply.error(error),

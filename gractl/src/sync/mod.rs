@@ -68,7 +68,7 @@ impl Default for Options {
             name: "gractl".into(),
             timeout: Duration::from_secs(30),
             cache_ttl: Duration::from_secs(1),
-            read_ahead: 16,
+            read_ahead: 8,
             write_window: 8 << 20,
         }
     }
@@ -204,6 +204,7 @@ pub async fn mount(mountpoint: &Path, connect: Connect, options: Options) -> Res
     ));
     core.set_root(&root);
     let mut config = fuser::Config::default();
+    // Shown as `fuse.gractl` (with fusermount3) or `fuse`, source `gractl:r1`.
     config.mount_options = vec![
         MountOption::FSName(options.name.clone()),
         MountOption::Subtype("gractl".into()),

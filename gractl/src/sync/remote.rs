@@ -13,11 +13,11 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll, Waker},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use fuser::Errno;
@@ -27,11 +27,11 @@ use russh_sftp::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{OwnedSemaphorePermit, Semaphore, watch},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, watch},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::Error;
+use super::{Error, file::lock};
 
 /// A byte stream that speaks SFTP: an SSH channel running the `sftp`
 /// subsystem, or the pipes of an `sftp-server` process.
@@ -84,6 +84,13 @@ const MAX_HANDLES: usize = 120;
 /// First and longest wait between reconnection attempts.
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a request waits for a new connection while the outage is
+/// younger than `OUTAGE`, and after.
+const FRESH_WAIT: Duration = Duration::from_secs(5);
+const OUTAGE: Duration = Duration::from_secs(10);
+const OUTAGE_WAIT: Duration = Duration::from_secs(1);
+/// An idle connection is checked this often.
+const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// Polls `future` once, inside the current runtime, so that the request it
 /// makes is queued on the connection before the caller sends the next one.
@@ -488,6 +495,11 @@ pub(crate) struct Remote {
     timeout: Duration,
     current: watch::Sender<Option<Arc<Conn>>>,
     generation: AtomicU64,
+    /// Since when there has been no connection.
+    down_since: Mutex<Option<Instant>>,
+    /// Cuts the wait before the next reconnection attempt short: someone
+    /// is using the mount.
+    kick: Notify,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -508,6 +520,8 @@ impl Remote {
             timeout,
             current: watch::Sender::new(None),
             generation: AtomicU64::new(0),
+            down_since: Mutex::new(None),
+            kick: Notify::new(),
             shutdown,
             tasks,
         });
@@ -546,9 +560,18 @@ impl Remote {
         if let Some(conn) = self.current.borrow().as_ref().filter(|c| !c.is_lost()) {
             return Ok(Arc::clone(conn));
         }
+        // A fresh break is usually mended within a second, so wait for that;
+        // during a long outage, answer EIO soon (but try again now).
+        self.kick.notify_one();
+        let down_for = lock(&self.down_since).map_or(Duration::ZERO, |since| since.elapsed());
+        let patience = if down_for < OUTAGE {
+            FRESH_WAIT
+        } else {
+            OUTAGE_WAIT
+        };
         let mut changes = self.current.subscribe();
         let wait = changes.wait_for(|conn| conn.as_ref().is_some_and(|c| !c.is_lost()));
-        match tokio::time::timeout(self.timeout, wait).await {
+        match tokio::time::timeout(patience.min(self.timeout), wait).await {
             Ok(Ok(conn)) => conn.as_ref().map(Arc::clone).ok_or(Errno::EIO),
             Ok(Err(_)) | Err(_) => Err(Errno::EIO),
         }
@@ -566,17 +589,25 @@ impl Remote {
         loop {
             let conn = self.current.borrow().clone();
             if let Some(conn) = conn {
-                tokio::select! {
-                    () = conn.lost.cancelled() => {}
-                    () = self.shutdown.cancelled() => {
-                        let _ = conn.raw.close_session();
-                        return;
+                // A request now and then notices a dead link (a tunnel
+                // that ended) even when nobody uses the mount.
+                loop {
+                    tokio::select! {
+                        () = conn.lost.cancelled() => break,
+                        () = self.shutdown.cancelled() => {
+                            let _ = conn.raw.close_session();
+                            return;
+                        }
+                        () = tokio::time::sleep(KEEPALIVE) => {
+                            let _ = conn.lstat("").await;
+                        }
                     }
                 }
                 // Ends russh-sftp's tasks for the old stream; requests still
                 // waiting on it fail at once.
                 let _ = conn.raw.close_session();
             }
+            *lock(&self.down_since) = Some(Instant::now());
             self.current.send_replace(None);
             let mut delay = BACKOFF_START;
             loop {
@@ -587,6 +618,7 @@ impl Remote {
                 match attempt {
                     Ok(conn) => {
                         tracing::info!(generation = conn.generation, "SFTP connection restored");
+                        *lock(&self.down_since) = None;
                         self.current.send_replace(Some(Arc::new(conn)));
                         break;
                     }
@@ -594,8 +626,15 @@ impl Remote {
                         tracing::warn!(error = %error_chain(&error), retry_in = ?delay, "cannot reconnect");
                     }
                 }
+                // At least the first step of the backoff, then until the
+                // rest has passed or someone uses the mount.
                 tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
+                    () = tokio::time::sleep(BACKOFF_START) => {}
+                    () = self.shutdown.cancelled() => return,
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(delay.saturating_sub(BACKOFF_START)) => {}
+                    () = self.kick.notified() => {}
                     () = self.shutdown.cancelled() => return,
                 }
                 delay = (delay * 2).min(BACKOFF_MAX);

@@ -140,7 +140,9 @@ impl State {
 
 /// RFC 3339, as the rest of gractl's output has times.
 pub fn timestamp(time: SystemTime) -> String {
-    prost_types::Timestamp::from(time).to_string()
+    let mut timestamp = prost_types::Timestamp::from(time);
+    timestamp.nanos = 0;
+    timestamp.to_string()
 }
 
 /// Whether `pid` is a live `gractl workspace sync --foreground` process (a
@@ -174,18 +176,21 @@ pub fn is_mounted(path: &Path) -> bool {
     let candidates = candidates(path);
     mount_points()
         .iter()
-        .any(|(point, _)| candidates.contains(point))
+        .any(|mount| candidates.contains(&mount.point))
 }
 
-/// gractl's mounts (`fuse.gractl`) at or below `dir`.
+/// gractl's mounts (FUSE, source `gractl` or `gractl:<runner>`) at or
+/// below `dir`.
 pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
     let dirs = candidates(dir);
     mount_points()
         .into_iter()
-        .filter(|(point, fstype)| {
-            fstype == "fuse.gractl" && dirs.iter().any(|dir| point.starts_with(dir))
+        .filter(|mount| {
+            mount.fstype.starts_with("fuse")
+                && (mount.source == "gractl" || mount.source.starts_with("gractl:"))
+                && dirs.iter().any(|dir| mount.point.starts_with(dir))
         })
-        .map(|(point, _)| point)
+        .map(|mount| mount.point)
         .collect()
 }
 
@@ -204,18 +209,28 @@ fn candidates(path: &Path) -> Vec<PathBuf> {
     candidates
 }
 
-/// (mount point, filesystem type) of every mount this process sees.
-fn mount_points() -> Vec<(PathBuf, String)> {
+struct MountInfo {
+    point: PathBuf,
+    fstype: String,
+    source: String,
+}
+
+/// Every mount this process sees.
+fn mount_points() -> Vec<MountInfo> {
     let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
     text.lines()
         .filter_map(|line| {
+            // ID PARENT DEV ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
             let fields: Vec<&str> = line.split(' ').collect();
             let point = fields.get(4)?;
             let separator = fields.iter().position(|field| *field == "-")?;
-            let fstype = fields.get(separator + 1)?;
-            Some((PathBuf::from(unescape(point)), (*fstype).to_owned()))
+            Some(MountInfo {
+                point: PathBuf::from(unescape(point)),
+                fstype: unescape(fields.get(separator + 1)?),
+                source: unescape(fields.get(separator + 2)?),
+            })
         })
         .collect()
 }

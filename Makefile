@@ -17,6 +17,7 @@ demo: build
 bench:
 	$(CARGO) build --release --workspace --bins
 	bash scripts/bench.sh
+	bash scripts/bench_sync.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -14,9 +14,9 @@ ROUNDS=${ROUNDS:-3}
 SIZE_MB=${SIZE_MB:-256}
 SMALL=${SMALL:-2000}
 
-for tool in sshfs sshd fusermount3 ssh-keygen; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install sshfs openssh-server fuse3)" >&2; exit 1; }
-done
+if ! command -v sshfs >/dev/null || ! command -v sshd >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sshfs openssh-server fuse3 >/dev/null
+fi
 
 TMP=$(mktemp -d /tmp/grad-bench-sync.XXXXXX)
 GRAD_PID= SSHD_PID=

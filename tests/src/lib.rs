@@ -177,6 +177,28 @@ impl Grad {
         status
     }
 
+    /// Starts grad and creates the admin's runners `names`, ready to use.
+    pub async fn with_runners(names: &[&str]) -> Grad {
+        let grad = Grad::start();
+        let admin = grad.admin().await;
+        for name in names {
+            admin
+                .create_runner(name, grad_proto::Resources::default())
+                .await
+                .expect("create runner");
+            let runner = admin
+                .wait_runner(
+                    name,
+                    &[grad_proto::RunnerState::Ready],
+                    Duration::from_secs(20),
+                )
+                .await
+                .expect("runner ready");
+            assert_eq!(runner.state(), grad_proto::RunnerState::Ready, "{runner:?}");
+        }
+        grad
+    }
+
     pub async fn client(&self, token: &str) -> Client {
         Client::connect(&self.url, token)
             .await

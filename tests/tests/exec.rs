@@ -14,20 +14,6 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn grad_with_runner() -> Grad {
-    let grad = Grad::start();
-    let admin = grad.admin().await;
-    admin
-        .create_runner("r1", Resources::default())
-        .await
-        .unwrap();
-    admin
-        .wait_runner("r1", &[RunnerState::Ready], WAIT)
-        .await
-        .unwrap();
-    grad
-}
-
 fn exec_json(grad: &Grad, args: &[&str]) -> (i32, Value) {
     let out = grad
         .gractl(&grad.admin_token)
@@ -60,7 +46,7 @@ async fn variables_survive_between_calls_and_params_arrive_as_a_dict() {
     if !require("pandas in the runner's Python", python_has("pandas")) {
         return;
     }
-    let grad = grad_with_runner().await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let out = grad
         .gractl(&grad.admin_token)
         .args([
@@ -110,7 +96,7 @@ async fn a_dataframe_shows_as_a_table_and_a_figure_as_a_png_in_outputs() {
     ) {
         return;
     }
-    let grad = grad_with_runner().await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let (code, doc) = exec_json(
         &grad,
         &["--code", "import pandas as pd\npd.DataFrame({'a': [1, 2]})"],
@@ -150,7 +136,7 @@ async fn a_dataframe_shows_as_a_table_and_a_figure_as_a_png_in_outputs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_streams_in_order_as_it_happens() {
-    let grad = grad_with_runner().await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let mut child = grad
         .gractl(&grad.admin_token)
         .args([
@@ -204,7 +190,7 @@ async fn output_streams_in_order_as_it_happens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_code_raising_is_a_result_with_name_value_and_traceback() {
-    let grad = grad_with_runner().await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let (code, doc) = exec_json(&grad, &["--code", "def f(x):\n    return 1 / x\nf(0)"]);
     assert_eq!(code, 8, "{doc}");
     assert_eq!(doc["status"], "error");
@@ -241,7 +227,7 @@ async fn user_code_raising_is_a_result_with_name_value_and_traceback() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_interrupts_the_code_and_the_next_call_works() {
-    let grad = grad_with_runner().await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let (code, _) = exec_json(&grad, &["--code", "kept = 7"]);
     assert_eq!(code, 0);
     let started = Instant::now();
@@ -268,7 +254,7 @@ async fn a_timeout_interrupts_the_code_and_the_next_call_works() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_cancels_the_code_and_leaves_the_interpreter_usable() {
-    let grad = grad_with_runner().await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let mut child = grad
         .gractl(&grad.admin_token)
         .args([
@@ -313,7 +299,7 @@ async fn ctrl_c_cancels_the_code_and_leaves_the_interpreter_usable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn code_comes_from_a_file_or_stdin_and_runs_in_the_code_directory() {
-    let grad = grad_with_runner().await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("analysis.py");
     std::fs::write(&file, "import os\nos.getcwd()").unwrap();
@@ -345,7 +331,7 @@ async fn code_comes_from_a_file_or_stdin_and_runs_in_the_code_directory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn executions_are_recorded_and_listed_per_runner() {
-    let grad = grad_with_runner().await;
+    let grad = Grad::with_runners(&["r1"]).await;
     exec_json(&grad, &["--code", "a = 1"]);
     exec_json(&grad, &["--code", "1 / 0"]);
     let executions = grad.admin().await.list_executions("r1", 10).await.unwrap();
@@ -365,7 +351,7 @@ async fn executions_are_recorded_and_listed_per_runner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_are_separate_interpreters() {
-    let grad = grad_with_runner().await;
+    let grad = Grad::with_runners(&["r1"]).await;
     exec_json(&grad, &["--code", "v = 'default'"]);
     exec_json(&grad, &["--code", "v = 'other'", "--session", "s2"]);
     let (_, doc) = exec_json(&grad, &["--code", "v"]);

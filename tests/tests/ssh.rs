@@ -27,20 +27,6 @@ fn have_openssh() -> bool {
     )
 }
 
-async fn grad_with_runner(name: &str) -> Grad {
-    let grad = Grad::start();
-    let admin = grad.admin().await;
-    admin
-        .create_runner(name, Resources::default())
-        .await
-        .unwrap();
-    admin
-        .wait_runner(name, &[RunnerState::Ready], Duration::from_secs(20))
-        .await
-        .unwrap();
-    grad
-}
-
 fn gractl(grad: &Grad, args: &[&str]) -> Output {
     grad.gractl(&grad.admin_token).args(args).output().unwrap()
 }
@@ -74,7 +60,7 @@ fn openssh(grad: &Grad, program: &str, config: &Path) -> Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gractl_ssh_runs_a_command_in_the_workspace_with_its_exit_status() {
-    let grad = grad_with_runner("r1").await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let out = gractl(&grad, &["ssh", "r1", "--", "pwd; echo oops >&2; exit 3"]);
     assert_eq!(out.code(), 3, "{}", out.stderr_str());
     let ws = grad.workspace("admin", "r1");
@@ -87,7 +73,7 @@ async fn openssh_ssh_sftp_and_scp_work_through_gractl_as_proxy_command() {
     if !have_openssh() {
         return;
     }
-    let grad = grad_with_runner("r1").await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let config = ssh_config(&grad);
     let ws = grad.workspace("admin", "r1");
 
@@ -143,7 +129,7 @@ async fn sftp_through_grad_cannot_escape_the_workspace() {
     if !have_openssh() {
         return;
     }
-    let grad = grad_with_runner("r1").await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let config = ssh_config(&grad);
     let local = tempfile::tempdir().unwrap();
     for path in ["../../../../etc/passwd", "/../etc/passwd", "../../grad.db"] {
@@ -169,7 +155,7 @@ async fn sftp_through_grad_cannot_escape_the_workspace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gractl_cp_copies_files_and_directories_both_ways() {
-    let grad = grad_with_runner("r1").await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let ws = grad.workspace("admin", "r1");
     let local = tempfile::tempdir().unwrap();
     let tree = local.path().join("tree");
@@ -215,7 +201,7 @@ async fn gractl_cp_copies_files_and_directories_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_token_cannot_reach_the_runner_over_ssh() {
-    let grad = grad_with_runner("r1").await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let bob = grad.add_user("bob", &[]);
     let out = grad
         .gractl(&bob)
@@ -308,7 +294,7 @@ print("exit", os.waitstatus_to_exitcode(status))
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interactive_shell_runs_on_a_pty_and_ctrl_c_reaches_the_runner() {
-    let grad = grad_with_runner("r1").await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let out = Command::new(grad_tests::python())
         .arg("-c")
         .arg(PTY_DRIVER)

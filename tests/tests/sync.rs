@@ -62,22 +62,6 @@ impl Workspace {
     }
 }
 
-async fn grad_with_runners(names: &[&str]) -> Grad {
-    let grad = Grad::start();
-    let admin = grad.admin().await;
-    for name in names {
-        admin
-            .create_runner(name, Resources::default())
-            .await
-            .unwrap();
-        admin
-            .wait_runner(name, &[RunnerState::Ready], Duration::from_secs(20))
-            .await
-            .unwrap();
-    }
-    grad
-}
-
 fn sha256(path: &Path) -> String {
     let out = std::process::Command::new("sha256sum")
         .arg(path)
@@ -101,7 +85,7 @@ async fn files_written_on_either_side_show_on_the_other() {
     if !fuse_available() {
         return;
     }
-    let grad = grad_with_runners(&["r1"]).await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let ws = Workspace::new(&grad);
     let out = ws.gractl(&grad, &["workspace", "sync"]);
     assert!(
@@ -199,7 +183,7 @@ async fn a_large_file_and_many_small_files_round_trip() {
     if !fuse_available() {
         return;
     }
-    let grad = grad_with_runners(&["r1"]).await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let ws = Workspace::new(&grad);
     let out = ws.gractl(&grad, &["workspace", "sync"]);
     assert!(
@@ -257,7 +241,7 @@ async fn pausing_a_runner_unmounts_it_and_a_new_runner_appears_on_the_next_sync(
     if !fuse_available() {
         return;
     }
-    let grad = grad_with_runners(&["r1"]).await;
+    let grad = Grad::with_runners(&["r1"]).await;
     let ws = Workspace::new(&grad);
     assert!(ws.gractl(&grad, &["workspace", "sync"]).status.success());
     assert!(is_mounted(&ws.mount("r1")));

@@ -614,3 +614,60 @@ fn the_daemon_mounts_ready_runners_and_unmounts_paused_and_deleted_ones() {
     assert!(!state::is_mounted(&at("r3")));
     assert_eq!(State::load(workspace.path()).unwrap(), None);
 }
+
+#[test]
+fn a_write_the_server_refuses_fails_at_close_with_eio() {
+    if prerequisites().is_none() {
+        return;
+    }
+    // A 1 MiB filesystem behind the mount: the server runs out of space.
+    let small = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(small.path())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !mounted {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true, but cannot mount a tmpfs"
+        );
+        eprintln!("skipping: cannot mount a tmpfs");
+        return;
+    }
+    let result = std::panic::catch_unwind(|| {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let point = tempfile::tempdir().unwrap();
+        let options = Options {
+            root: small.path().to_str().unwrap().to_owned(),
+            ..Options::default()
+        };
+        let connect = sftp_server(small.path().to_owned(), Arc::new(Mutex::new(Vec::new())));
+        let mount = runtime
+            .block_on(sync::mount(point.path(), connect, options))
+            .unwrap();
+        let mut file = fs::File::create(point.path().join("too-big")).unwrap();
+        // Writes are buffered: they succeed until the error comes back.
+        let mut written = Ok(());
+        for _ in 0..4 {
+            written = written.and_then(|()| file.write_all(&[1u8; 1 << 20]));
+        }
+        let closed = written.and_then(|()| file.sync_all());
+        drop(file);
+        assert_eq!(errno(closed), Some(libc::EIO));
+        // The mount still works.
+        fs::remove_file(point.path().join("too-big")).unwrap();
+        fs::write(point.path().join("small"), "fits").unwrap();
+        assert_eq!(
+            fs::read_to_string(small.path().join("small")).unwrap(),
+            "fits"
+        );
+        runtime.block_on(mount.unmount()).unwrap();
+    });
+    let _ = std::process::Command::new("umount")
+        .arg(small.path())
+        .status();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}

@@ -109,6 +109,7 @@ impl Client {
             .http2_keep_alive_interval(KEEP_ALIVE)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(256 << 10)
             .user_agent(concat!("gractl/", env!("CARGO_PKG_VERSION")))
             .map_err(|_| ClientError::InvalidUrl {
                 url: server.to_owned(),

@@ -210,6 +210,7 @@ pub async fn serve(
         .accept_http1(true)
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(8 << 20)
+        .max_frame_size(256 << 10)
         .add_routes(Routes::from(router))
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);

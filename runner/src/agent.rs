@@ -97,7 +97,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .keep_alive_timeout(Duration::from_secs(10))
         // Tunnels carry bulk SSH traffic: large HTTP/2 windows.
         .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(8 << 20);
+        .initial_connection_window_size(8 << 20)
+        .max_frame_size(256 << 10);
     let auth: MetadataValue<_> = format!("Bearer {}", config.token)
         .parse()
         .map_err(|_| Error::Token)?;

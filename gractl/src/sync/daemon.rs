@@ -305,38 +305,11 @@ pub fn over_ssh(client: Client, identity: Arc<Identity>) -> impl Fn(&str) -> Con
 /// The `sftp` subsystem on a new channel of `handle`, as the byte stream a
 /// mount reads and writes; it keeps the SSH connection alive while in use.
 pub async fn sftp_stream(handle: ssh::Handle) -> Result<SshStream, ssh::Error> {
-    let stream = sftp_channel(&handle).await?;
+    let stream = ssh::sftp_channel(&handle).await?;
     Ok(SshStream {
         stream: Box::pin(stream),
         _handle: handle,
     })
-}
-
-/// Opens a channel running the `sftp` subsystem and returns it as a byte
-/// stream (the workspace sync runs its own SFTP client on it).
-pub async fn sftp_channel(
-    handle: &ssh::Handle,
-) -> Result<russh::ChannelStream<russh::client::Msg>, ssh::Error> {
-    let mut channel = handle
-        .channel_open_session()
-        .await
-        .map_err(ssh::Error::Channel)?;
-    channel
-        .request_subsystem(true, "sftp")
-        .await
-        .map_err(ssh::Error::Channel)?;
-    loop {
-        match channel.wait().await {
-            Some(russh::ChannelMsg::Success) => break,
-            Some(russh::ChannelMsg::Failure | russh::ChannelMsg::Close) | None => {
-                return Err(ssh::Error::Refused {
-                    what: "the sftp subsystem".into(),
-                });
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(channel.into_stream())
 }
 
 /// An SFTP channel together with its SSH connection, which must live as

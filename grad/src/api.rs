@@ -59,6 +59,21 @@ fn state_to_pb(state: State) -> pb::RunnerState {
     }
 }
 
+/// The stored state a wire state names; DELETED and UNSPECIFIED name none.
+fn state_from_pb(state: pb::RunnerState) -> Option<State> {
+    match state {
+        pb::RunnerState::Pending => Some(State::Pending),
+        pb::RunnerState::Starting => Some(State::Starting),
+        pb::RunnerState::Ready => Some(State::Ready),
+        pb::RunnerState::Pausing => Some(State::Pausing),
+        pb::RunnerState::Paused => Some(State::Paused),
+        pb::RunnerState::Resuming => Some(State::Resuming),
+        pb::RunnerState::Deleting => Some(State::Deleting),
+        pb::RunnerState::Failed => Some(State::Failed),
+        pb::RunnerState::Deleted | pb::RunnerState::Unspecified => None,
+    }
+}
+
 impl Api {
     fn runner_to_pb(&self, r: store::Runner) -> pb::Runner {
         pb::Runner {
@@ -157,20 +172,7 @@ impl RunnersRpc for Api {
                         "states: unknown state {s}"
                     )));
                 }
-                Ok(pb) => states.extend(
-                    [
-                        State::Pending,
-                        State::Starting,
-                        State::Ready,
-                        State::Pausing,
-                        State::Paused,
-                        State::Resuming,
-                        State::Deleting,
-                        State::Failed,
-                    ]
-                    .into_iter()
-                    .find(|st| state_to_pb(*st) == pb),
-                ),
+                Ok(pb) => states.extend(state_from_pb(pb)),
             }
         }
         if states.is_empty() && !want_deleted {

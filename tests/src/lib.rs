@@ -243,6 +243,14 @@ impl Grad {
         cmd
     }
 
+    /// Runs `gractl ARGS` as the admin and waits for it.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.gractl(&self.admin_token)
+            .args(args)
+            .output()
+            .expect("run gractl")
+    }
+
     /// The local workspace of `owner`'s runner `name`.
     pub fn workspace(&self, owner: &str, name: &str) -> PathBuf {
         self.data_dir

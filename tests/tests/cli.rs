@@ -12,10 +12,6 @@ use std::{
 use grad_tests::{Grad, OutputExt};
 use serde_json::Value;
 
-fn run(grad: &Grad, args: &[&str]) -> Output {
-    grad.gractl(&grad.admin_token).args(args).output().unwrap()
-}
-
 fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -70,16 +66,13 @@ fn login_reads_the_token_from_stdin_and_a_rejected_token_stores_nothing() {
 #[test]
 fn runners_print_as_tables_json_and_ndjson() {
     let grad = Grad::start();
-    let out = run(
-        &grad,
-        &[
-            "runner", "create", "a", "--cpu", "500m", "--memory", "1Gi", "--wait",
-        ],
-    );
+    let out = grad.run(&[
+        "runner", "create", "a", "--cpu", "500m", "--memory", "1Gi", "--wait",
+    ]);
     assert!(out.status.success(), "{}", out.stderr_str());
     assert_eq!(out.stdout_str(), "runner/a ready\n");
 
-    let out = run(&grad, &["runner", "list"]);
+    let out = grad.run(&["runner", "list"]);
     let lines: Vec<&str> = out.stdout_str().leak().lines().collect();
     assert!(
         lines[0].starts_with("NAME") && lines[0].contains("STATE"),
@@ -90,24 +83,24 @@ fn runners_print_as_tables_json_and_ndjson() {
         "{lines:?}"
     );
 
-    let out = run(&grad, &["runner", "list", "--all"]);
+    let out = grad.run(&["runner", "list", "--all"]);
     assert!(out.stdout_str().contains("OWNER"), "{}", out.stdout_str());
 
-    let runner = json(&run(&grad, &["runner", "get", "a", "-o", "json"]));
+    let runner = json(&grad.run(&["runner", "get", "a", "-o", "json"]));
     assert_eq!(runner["state"], "ready");
     assert_eq!(runner["cpu"], "500m");
     assert_eq!(runner["memory"], "1Gi");
     assert_eq!(runner["storage"], "10Gi");
     assert_eq!(runner["connected"], true);
 
-    let out = run(&grad, &["runner", "list", "-o", "ndjson"]);
+    let out = grad.run(&["runner", "list", "-o", "ndjson"]);
     assert_eq!(out.stdout_str().lines().count(), 1);
     let one: Value = serde_json::from_str(out.stdout_str().trim()).unwrap();
     assert_eq!(one["name"], "a");
 
-    let out = run(&grad, &["runner", "create", "a"]);
+    let out = grad.run(&["runner", "create", "a"]);
     assert_eq!(out.code(), 5, "{}", out.stderr_str());
-    let out = run(&grad, &["runner", "get", "nope", "-o", "json"]);
+    let out = grad.run(&["runner", "get", "nope", "-o", "json"]);
     assert_eq!(out.code(), 4);
     let err: Value = serde_json::from_slice(&out.stderr).unwrap();
     assert_eq!(err["error"]["code"], "not_found");
@@ -117,17 +110,17 @@ fn runners_print_as_tables_json_and_ndjson() {
 #[test]
 fn pause_resume_and_delete_wait_for_their_states() {
     let grad = Grad::start();
-    assert!(run(&grad, &["runner", "create", "a"]).status.success());
-    let out = run(&grad, &["runner", "pause", "a", "--wait"]);
+    assert!(grad.run(&["runner", "create", "a"]).status.success());
+    let out = grad.run(&["runner", "pause", "a", "--wait"]);
     assert_eq!(
         out.stdout_str(),
         "runner/a paused\n",
         "{}",
         out.stderr_str()
     );
-    let out = run(&grad, &["runner", "resume", "a", "--wait"]);
+    let out = grad.run(&["runner", "resume", "a", "--wait"]);
     assert_eq!(out.stdout_str(), "runner/a ready\n", "{}", out.stderr_str());
-    let out = run(&grad, &["runner", "delete", "a", "--wait", "-o", "json"]);
+    let out = grad.run(&["runner", "delete", "a", "--wait", "-o", "json"]);
     assert!(out.status.success(), "{}", out.stderr_str());
     assert_eq!(json(&out)["state"], "deleted");
     assert!(grad.runner_pids().is_empty());
@@ -141,10 +134,7 @@ fn a_wait_that_times_out_exits_7() {
     std::fs::write(&fake_runner, "#!/bin/sh\nexec sleep 30\n").unwrap();
     std::fs::set_permissions(&fake_runner, std::fs::Permissions::from_mode(0o755)).unwrap();
     let grad = Grad::start_with(&["--runner-bin", fake_runner.to_str().unwrap()]);
-    let out = run(
-        &grad,
-        &["runner", "create", "slow", "--wait", "--timeout", "1s"],
-    );
+    let out = grad.run(&["runner", "create", "slow", "--wait", "--timeout", "1s"]);
     assert_eq!(out.code(), 7, "{}", out.stderr_str());
     assert!(out.stderr_str().contains("slow"), "{}", out.stderr_str());
 }
@@ -153,7 +143,7 @@ fn a_wait_that_times_out_exits_7() {
 fn the_workspace_supplies_the_default_runner_and_resources() {
     let grad = Grad::start();
     let ws = tempfile::tempdir().unwrap();
-    let out = run(&grad, &["workspace", "init", ws.path().to_str().unwrap()]);
+    let out = grad.run(&["workspace", "init", ws.path().to_str().unwrap()]);
     assert!(out.status.success(), "{}", out.stderr_str());
     for entry in ["config.yaml", "datasets", "runners"] {
         assert!(ws.path().join(entry).exists(), "{entry} missing");
@@ -201,20 +191,17 @@ fn figures_print_as_their_file_and_a_dying_interpreter_exits_6() {
     }
     let grad = Grad::start();
     assert!(
-        run(&grad, &["runner", "create", "a", "--wait"])
+        grad.run(&["runner", "create", "a", "--wait"])
             .status
             .success()
     );
-    let out = run(
-        &grad,
-        &[
-            "execute-code",
-            "-r",
-            "a",
-            "--code",
-            "import matplotlib.pyplot as plt\nplt.plot([1, 2])\n42",
-        ],
-    );
+    let out = grad.run(&[
+        "execute-code",
+        "-r",
+        "a",
+        "--code",
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2])\n42",
+    ]);
     assert!(out.status.success(), "{}", out.stderr_str());
     // The figure is flushed when the cell ends, after its value (as in Jupyter).
     assert_eq!(
@@ -222,16 +209,13 @@ fn figures_print_as_their_file_and_a_dying_interpreter_exits_6() {
         "42\n[image/png: outputs/figure-1-1.png]\n"
     );
 
-    let out = run(
-        &grad,
-        &[
-            "execute-code",
-            "-r",
-            "a",
-            "--code",
-            "import os\nos._exit(3)",
-        ],
-    );
+    let out = grad.run(&[
+        "execute-code",
+        "-r",
+        "a",
+        "--code",
+        "import os\nos._exit(3)",
+    ]);
     assert_eq!(out.code(), 6, "{}", out.stderr_str());
     assert!(
         out.stderr_str()
@@ -240,10 +224,7 @@ fn figures_print_as_their_file_and_a_dying_interpreter_exits_6() {
         out.stderr_str()
     );
     // The session starts afresh.
-    let out = run(
-        &grad,
-        &["execute-code", "-r", "a", "--code", "print('back')"],
-    );
+    let out = grad.run(&["execute-code", "-r", "a", "--code", "print('back')"]);
     assert!(out.status.success(), "{}", out.stderr_str());
     assert!(out.stdout_str().contains("back"));
 }
@@ -251,10 +232,7 @@ fn figures_print_as_their_file_and_a_dying_interpreter_exits_6() {
 #[test]
 fn a_missing_code_file_is_a_usage_error_naming_the_flag() {
     let grad = Grad::start();
-    let out = run(
-        &grad,
-        &["execute-code", "-r", "a", "--file", "/nonexistent/job.py"],
-    );
+    let out = grad.run(&["execute-code", "-r", "a", "--file", "/nonexistent/job.py"]);
     assert_eq!(out.code(), 2, "{}", out.stderr_str());
     assert!(
         out.stderr_str().contains("--file /nonexistent/job.py"),

@@ -215,17 +215,13 @@ async fn user_code_raising_is_a_result_with_name_value_and_traceback() {
     assert!(!tb.contains("driver"), "the driver's own frames leak: {tb}");
 
     // Human output: the traceback goes to stderr, exit code 8.
-    let out = grad
-        .gractl(&grad.admin_token)
-        .args([
-            "execute-code",
-            "-r",
-            "r1",
-            "--code",
-            "raise ValueError('bad input')",
-        ])
-        .output()
-        .unwrap();
+    let out = grad.run(&[
+        "execute-code",
+        "-r",
+        "r1",
+        "--code",
+        "raise ValueError('bad input')",
+    ]);
     assert_eq!(out.code(), 8);
     assert!(
         out.stderr_str().contains("ValueError: bad input"),
@@ -349,11 +345,7 @@ async fn executions_are_recorded_and_listed_per_runner() {
     assert_eq!(executions[0].status(), grad_proto::ExecStatus::Error);
     assert_eq!(executions[1].code, "a = 1");
     assert_eq!(executions[1].status(), grad_proto::ExecStatus::Ok);
-    let out = grad
-        .gractl(&grad.admin_token)
-        .args(["execution", "list", "-r", "r1"])
-        .output()
-        .unwrap();
+    let out = grad.run(&["execution", "list", "-r", "r1"]);
     assert!(out.status.success(), "{}", out.stderr_str());
     assert!(out.stdout_str().contains("1 / 0"), "{}", out.stdout_str());
 }
@@ -391,11 +383,7 @@ async fn a_missing_interpreter_is_reported_by_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execute_code_on_an_unknown_runner_says_not_found() {
     let grad = Grad::start();
-    let out = grad
-        .gractl(&grad.admin_token)
-        .args(["execute-code", "-r", "ghost", "--code", "1"])
-        .output()
-        .unwrap();
+    let out = grad.run(&["execute-code", "-r", "ghost", "--code", "1"]);
     assert_eq!(out.code(), 4, "{}", out.stderr_str());
     assert!(
         out.stderr_str().contains("runner 'ghost' not found"),

@@ -66,11 +66,7 @@ async fn a_paused_runner_keeps_its_workspace_files_and_resumes() {
     );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "still here");
 
-    let out = grad
-        .gractl(&grad.admin_token)
-        .args(["execute-code", "-r", "r1", "--code", "1"])
-        .output()
-        .unwrap();
+    let out = grad.run(&["execute-code", "-r", "r1", "--code", "1"]);
     assert_eq!(out.code(), 5, "{}", out.stderr_str());
     assert!(
         out.stderr_str()
@@ -82,17 +78,13 @@ async fn a_paused_runner_keeps_its_workspace_files_and_resumes() {
     admin.resume_runner("r1").await.unwrap();
     let ready = admin.wait_runner("r1", READY, WAIT).await.unwrap();
     assert_eq!(ready.state(), RunnerState::Ready);
-    let out = grad
-        .gractl(&grad.admin_token)
-        .args([
-            "execute-code",
-            "-r",
-            "r1",
-            "--code",
-            "open('keep.txt').read()",
-        ])
-        .output()
-        .unwrap();
+    let out = grad.run(&[
+        "execute-code",
+        "-r",
+        "r1",
+        "--code",
+        "open('keep.txt').read()",
+    ]);
     assert!(out.status.success(), "{}", out.stderr_str());
     assert!(
         out.stdout_str().contains("still here"),
@@ -162,11 +154,7 @@ async fn a_killed_runner_process_is_noticed_within_seconds_and_can_be_resumed() 
         "reason: {}",
         failed.reason
     );
-    let out = grad
-        .gractl(&grad.admin_token)
-        .args(["execute-code", "-r", "r1", "--code", "1"])
-        .output()
-        .unwrap();
+    let out = grad.run(&["execute-code", "-r", "r1", "--code", "1"]);
     assert_eq!(out.code(), 5, "{}", out.stderr_str());
     assert!(out.stderr_str().contains("failed"), "{}", out.stderr_str());
 
@@ -209,11 +197,7 @@ async fn after_a_grad_restart_a_live_runner_reconnects_and_keeps_its_state() {
         admin.create_runner("r1", res()).await.unwrap();
         admin.wait_runner("r1", READY, WAIT).await.unwrap();
     }
-    let out = grad
-        .gractl(&grad.admin_token)
-        .args(["execute-code", "-r", "r1", "--code", "x = 41"])
-        .output()
-        .unwrap();
+    let out = grad.run(&["execute-code", "-r", "r1", "--code", "x = 41"]);
     assert!(out.status.success(), "{}", out.stderr_str());
     let pids = grad.runner_pids();
 
@@ -232,19 +216,11 @@ async fn after_a_grad_restart_a_live_runner_reconnects_and_keeps_its_state() {
     let ready = admin.wait_runner("r1", READY, WAIT).await.unwrap();
     assert_eq!(ready.state(), RunnerState::Ready);
     wait_until("the runner to reconnect", WAIT, || {
-        let out = grad
-            .gractl(&grad.admin_token)
-            .args(["runner", "get", "r1", "-o", "json"])
-            .output()
-            .unwrap();
+        let out = grad.run(&["runner", "get", "r1", "-o", "json"]);
         out.stdout_str().contains("\"connected\": true")
             || out.stdout_str().contains("\"connected\":true")
     });
-    let out = grad
-        .gractl(&grad.admin_token)
-        .args(["execute-code", "-r", "r1", "--code", "x + 1"])
-        .output()
-        .unwrap();
+    let out = grad.run(&["execute-code", "-r", "r1", "--code", "x + 1"]);
     assert!(out.status.success(), "{}", out.stderr_str());
     assert!(out.stdout_str().contains("42"), "{}", out.stdout_str());
 }

@@ -6,7 +6,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -27,13 +27,9 @@ fn have_openssh() -> bool {
     )
 }
 
-fn gractl(grad: &Grad, args: &[&str]) -> Output {
-    grad.gractl(&grad.admin_token).args(args).output().unwrap()
-}
-
 /// Writes `gractl ssh-config`'s output to a file for `ssh -F`.
 fn ssh_config(grad: &Grad) -> PathBuf {
-    let out = gractl(grad, &["ssh-config"]);
+    let out = grad.run(&["ssh-config"]);
     assert!(out.status.success(), "{}", out.stderr_str());
     let path = grad.data_dir.join("ssh_config");
     std::fs::write(&path, &out.stdout).unwrap();
@@ -61,7 +57,7 @@ fn openssh(grad: &Grad, program: &str, config: &Path) -> Command {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gractl_ssh_runs_a_command_in_the_workspace_with_its_exit_status() {
     let grad = Grad::with_runners(&["r1"]).await;
-    let out = gractl(&grad, &["ssh", "r1", "--", "pwd; echo oops >&2; exit 3"]);
+    let out = grad.run(&["ssh", "r1", "--", "pwd; echo oops >&2; exit 3"]);
     assert_eq!(out.code(), 3, "{}", out.stderr_str());
     let ws = grad.workspace("admin", "r1");
     assert_eq!(out.stdout_str().trim(), ws.display().to_string());
@@ -163,7 +159,7 @@ async fn gractl_cp_copies_files_and_directories_both_ways() {
     std::fs::write(tree.join("a.txt"), "alpha").unwrap();
     std::fs::write(tree.join("sub/b.txt"), "beta").unwrap();
 
-    let out = gractl(&grad, &["cp", tree.to_str().unwrap(), "r1:code/"]);
+    let out = grad.run(&["cp", tree.to_str().unwrap(), "r1:code/"]);
     assert_eq!(
         out.code(),
         2,
@@ -172,7 +168,7 @@ async fn gractl_cp_copies_files_and_directories_both_ways() {
     );
     assert!(out.stderr_str().contains("-r"), "{}", out.stderr_str());
 
-    let out = gractl(&grad, &["cp", "-r", tree.to_str().unwrap(), "r1:code/"]);
+    let out = grad.run(&["cp", "-r", tree.to_str().unwrap(), "r1:code/"]);
     assert!(out.status.success(), "{}", out.stderr_str());
     assert_eq!(
         std::fs::read_to_string(ws.join("code/tree/sub/b.txt")).unwrap(),
@@ -180,17 +176,14 @@ async fn gractl_cp_copies_files_and_directories_both_ways() {
     );
 
     std::fs::write(ws.join("outputs/plot.png"), b"\x89PNG fake").unwrap();
-    let out = gractl(
-        &grad,
-        &["cp", "r1:outputs/plot.png", local.path().to_str().unwrap()],
-    );
+    let out = grad.run(&["cp", "r1:outputs/plot.png", local.path().to_str().unwrap()]);
     assert!(out.status.success(), "{}", out.stderr_str());
     assert_eq!(
         std::fs::read(local.path().join("plot.png")).unwrap(),
         b"\x89PNG fake"
     );
 
-    let out = gractl(&grad, &["cp", "r1:outputs/missing.csv", "."]);
+    let out = grad.run(&["cp", "r1:outputs/missing.csv", "."]);
     assert!(!out.status.success());
     assert!(
         out.stderr_str().contains("missing.csv"),
@@ -247,7 +240,7 @@ async fn a_host_key_other_than_the_one_grad_recorded_is_refused() {
         .status()
         .unwrap();
     assert!(status.success());
-    let out = gractl(&grad, &["ssh", "r1", "--", "true"]);
+    let out = grad.run(&["ssh", "r1", "--", "true"]);
     assert_ne!(out.code(), 0);
     assert!(
         out.stderr_str().contains("host key"),

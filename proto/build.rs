@@ -20,6 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(FILES, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("grad_descriptor.bin"), descriptors.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Tunnel bytes are handed on without copies where the codec allows.
+    tonic_prost_build::configure()
+        .bytes(".grad.v1.TunnelFrame.data")
+        .compile_fds(descriptors)?;
     Ok(())
 }

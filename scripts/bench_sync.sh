@@ -103,5 +103,7 @@ for name in write read create ls cat; do
     *) extra= ;;
   esac
   printf '| %s | %.3f | %.3f | %.2fx%s |\n' "$name" "$gm" "$sm" "$(awk -v g="$gm" -v s="$sm" 'BEGIN { print s / g }')" "$extra"
+  echo "$name: grad ${g[*]} / sshfs ${s[*]}" >> "$TMP/rounds"
 done
+echo; echo 'All rounds (seconds):'; sed 's/^/    /' "$TMP/rounds"
 cmp "$TMP/big.src" "$GRAD_MNT/big" && echo "(256 MiB file identical through the grad mount)"

@@ -28,7 +28,7 @@ use crate::{
     runners::{Runners, Waited},
     ssh_keys,
     store::{self, State},
-    tunnel::{Frames, Tunnels},
+    tunnel::{Splice, Tunnels},
 };
 
 #[derive(Clone)]
@@ -314,9 +314,9 @@ impl Users for Api {
 
 #[tonic::async_trait]
 impl TunnelsRpc for Api {
-    type OpenStream = Frames;
+    type OpenStream = Splice;
 
-    async fn open(&self, req: Request<Streaming<TunnelFrame>>) -> RpcResult<Frames> {
+    async fn open(&self, req: Request<Streaming<TunnelFrame>>) -> RpcResult<Splice> {
         let caller = auth::user(&req)?.clone();
         let frames = self
             .tunnels
@@ -360,9 +360,9 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 #[tonic::async_trait]
 impl RunnerAgent for Api {
     type AttachStream = CommandStream;
-    type TunnelStream = Frames;
+    type TunnelStream = Splice;
 
-    async fn tunnel(&self, req: Request<Streaming<TunnelFrame>>) -> RpcResult<Frames> {
+    async fn tunnel(&self, req: Request<Streaming<TunnelFrame>>) -> RpcResult<Splice> {
         let (runner_id, token_id) = runner_caller(&req)?;
         // A replaced token (the runner was restarted) may not serve tunnels.
         let runner = self

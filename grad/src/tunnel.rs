@@ -1,15 +1,24 @@
 //! Tunnels: a client's byte stream spliced to a runner's SSH server. The
 //! runner has no inbound port: grad asks its agent to dial back
-//! (`RunnerAgent.Tunnel`), matches the two streams by tunnel id, and pumps
-//! bytes both ways through bounded channels (gRPC flow control carries the
-//! backpressure end to end). Either side ending closes both.
+//! (`RunnerAgent.Tunnel`), matches the two streams by tunnel id, and hands
+//! each side's incoming stream to the other as its response stream: frames go
+//! from one HTTP/2 connection to the other with no task or queue of ours in
+//! between, and HTTP/2 flow control carries the backpressure end to end.
+//! Either side ending closes both.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
+use bytes::Bytes;
 use grad_proto::{AgentCommand, OpenTunnel, TunnelFrame, agent_command::Command};
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::oneshot;
+use tokio_stream::Stream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Status, Streaming};
 
 use crate::{
@@ -21,19 +30,13 @@ use crate::{
 
 /// How long the first frame and the runner's dial-back may take.
 const HANDSHAKE: Duration = Duration::from_secs(10);
-/// Frames in flight per direction, on top of HTTP/2's own windows.
-const FRAMES: usize = 32;
-
-pub type Frames = ReceiverStream<Result<TunnelFrame, Status>>;
 
 struct Pending {
     runner_id: String,
-    runner_end: oneshot::Sender<RunnerEnd>,
-}
-
-struct RunnerEnd {
-    inbound: Streaming<TunnelFrame>,
-    outbound: mpsc::Sender<Result<TunnelFrame, Status>>,
+    /// What the runner's side will send: the client's frames.
+    to_runner: Splice,
+    /// Where the runner's side hands over its incoming frames.
+    runner_end: oneshot::Sender<Streaming<TunnelFrame>>,
 }
 
 #[derive(Default)]
@@ -65,7 +68,7 @@ impl Tunnels {
         runners: &Arc<Runners>,
         caller: &UserCaller,
         mut client: Streaming<TunnelFrame>,
-    ) -> Result<Frames> {
+    ) -> Result<Splice> {
         let first = first_frame(&mut client).await?;
         if first.runner.is_empty() {
             return Err(Error::InvalidArgument(
@@ -75,10 +78,13 @@ impl Tunnels {
         let (runner, agent) = runners.usable(caller, &first.runner).await?;
         let tunnel_id = uuid::Uuid::new_v4().to_string();
         let (runner_end, dialed) = oneshot::channel();
+        let closed = CancellationToken::new();
+        let shutdown = runners.shutdown_token();
         lock(&self.pending).insert(
             tunnel_id.clone(),
             Pending {
                 runner_id: runner.id.clone(),
+                to_runner: Splice::new(client, first.data, &closed, &shutdown),
                 runner_end,
             },
         );
@@ -87,28 +93,24 @@ impl Tunnels {
                 tunnel_id: tunnel_id.clone(),
             })),
         };
+        // Gone when this returns or is dropped (the client left), unless
+        // the runner took it.
+        let _waiting = Waiting {
+            tunnels: self,
+            tunnel_id: &tunnel_id,
+        };
         let dialed = async {
             agent.commands.send(open).await.ok()?;
             tokio::time::timeout(HANDSHAKE, dialed).await.ok()?.ok()
         };
-        let Some(end) = dialed.await else {
-            lock(&self.pending).remove(&tunnel_id);
+        let Some(runner_frames) = dialed.await else {
             return Err(Error::Unavailable(format!(
                 "runner {} did not open its side of the tunnel within 10s",
                 first.runner
             )));
         };
         tracing::info!(runner = %runner.name, owner = %runner.owner_name, tunnel = %tunnel_id, "tunnel open");
-        if !first.data.is_empty() {
-            let _ = end.outbound.send(Ok(data(first.data))).await;
-        }
-        let (to_client, frames) = mpsc::channel(FRAMES);
-        let closed = CancellationToken::new();
-        let shutdown = runners.shutdown_token();
-        let tracker = runners.tracker();
-        tracker.spawn(pump(client, end.outbound, closed.clone(), shutdown.clone()));
-        tracker.spawn(pump(end.inbound, to_client, closed, shutdown));
-        Ok(ReceiverStream::new(frames))
+        Ok(Splice::new(runner_frames, Bytes::new(), &closed, &shutdown))
     }
 
     /// The runner's side: the dial-back for a tunnel grad asked it to open.
@@ -116,57 +118,111 @@ impl Tunnels {
         &self,
         runner_id: &str,
         mut inbound: Streaming<TunnelFrame>,
-    ) -> Result<Frames> {
+    ) -> Result<Splice> {
         let first = first_frame(&mut inbound).await?;
-        let pending = lock(&self.pending)
-            .remove(&first.tunnel_id)
-            .ok_or_else(|| {
-                Error::NotFound(format!("no tunnel '{}' is waiting", first.tunnel_id))
-            })?;
-        if pending.runner_id != runner_id {
-            return Err(Error::PermissionDenied(
-                "this tunnel belongs to another runner".into(),
-            ));
-        }
-        let (outbound, frames) = mpsc::channel(FRAMES);
-        pending
-            .runner_end
-            .send(RunnerEnd { inbound, outbound })
+        let Pending {
+            to_runner,
+            runner_end,
+            ..
+        } = match lock(&self.pending).entry(first.tunnel_id.clone()) {
+            Entry::Vacant(_) => {
+                return Err(Error::NotFound(format!(
+                    "no tunnel '{}' is waiting",
+                    first.tunnel_id
+                )));
+            }
+            // Another runner's tunnel stays where it is.
+            Entry::Occupied(waiting) if waiting.get().runner_id != runner_id => {
+                return Err(Error::PermissionDenied(
+                    "this tunnel belongs to another runner".into(),
+                ));
+            }
+            Entry::Occupied(waiting) => waiting.remove(),
+        };
+        runner_end
+            .send(inbound)
             .map_err(|_| Error::Unavailable("the client left before the tunnel opened".into()))?;
-        Ok(ReceiverStream::new(frames))
+        Ok(to_runner)
     }
 }
 
-fn data(bytes: Vec<u8>) -> TunnelFrame {
+/// A tunnel waiting for its runner; see [`Tunnels::open`].
+struct Waiting<'a> {
+    tunnels: &'a Tunnels,
+    tunnel_id: &'a str,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        lock(&self.tunnels.pending).remove(self.tunnel_id);
+    }
+}
+
+fn data(bytes: Bytes) -> TunnelFrame {
     TunnelFrame {
         data: bytes,
         ..Default::default()
     }
 }
 
-/// Moves frames from one stream to the other until either side ends.
-async fn pump(
-    mut from: Streaming<TunnelFrame>,
-    to: mpsc::Sender<Result<TunnelFrame, Status>>,
+/// One direction of a tunnel: the frames coming in on one side, as the
+/// response stream of the other. Ends when its source ends or fails, when the
+/// other direction ends (the two share `closed`) or when grad shuts down;
+/// dropped (its side went away), it ends the other direction too.
+pub struct Splice {
+    /// Data that came with the client's first frame, sent first.
+    first: Option<Bytes>,
+    from: Streaming<TunnelFrame>,
     closed: CancellationToken,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let frame = tokio::select! {
-            frame = from.message() => frame,
-            _ = to.closed() => break,
-            _ = closed.cancelled() => break,
-            _ = shutdown.cancelled() => break,
-        };
-        match frame {
-            Ok(Some(frame)) if frame.data.is_empty() => {}
-            Ok(Some(frame)) => {
-                if to.send(Ok(data(frame.data))).await.is_err() {
-                    break;
-                }
-            }
-            Ok(None) | Err(_) => break,
+    on_closed: Pin<Box<WaitForCancellationFutureOwned>>,
+    on_shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Splice {
+    fn new(
+        from: Streaming<TunnelFrame>,
+        first: Bytes,
+        closed: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Splice {
+        Splice {
+            first: (!first.is_empty()).then_some(first),
+            from,
+            closed: closed.clone(),
+            on_closed: Box::pin(closed.clone().cancelled_owned()),
+            on_shutdown: Box::pin(shutdown.clone().cancelled_owned()),
         }
     }
-    closed.cancel();
+}
+
+impl Stream for Splice {
+    type Item = std::result::Result<TunnelFrame, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.on_closed.as_mut().poll(cx).is_ready()
+            || this.on_shutdown.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(None);
+        }
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(data(first))));
+        }
+        loop {
+            match ready!(Pin::new(&mut this.from).poll_next(cx)) {
+                Some(Ok(frame)) if frame.data.is_empty() => {}
+                Some(Ok(frame)) => return Poll::Ready(Some(Ok(data(frame.data)))),
+                Some(Err(_)) | None => {
+                    this.closed.cancel();
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Splice {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
 }

@@ -9,6 +9,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
+use bytes::{Buf, Bytes};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::mpsc,
@@ -18,13 +19,16 @@ use tokio_util::sync::PollSender;
 
 use crate::v1::TunnelFrame;
 
-/// The largest frame a write produces; bigger writes are split.
-pub const MAX_FRAME: usize = 64 * 1024;
+/// The largest frame a write produces; bigger writes are split. A whole
+/// 256 KiB HTTP/2 frame (the size grad, grad-runner and gractl agree on)
+/// less the gRPC and protobuf headers, so an SSH packet of up to 64 KiB and
+/// most runs of them travel as one frame.
+pub const MAX_FRAME: usize = 256 * 1024 - 64;
 
 pub struct TunnelIo<S> {
     inbound: S,
-    pending: Vec<u8>,
-    offset: usize,
+    /// What is left of the last frame read.
+    pending: Bytes,
     outbound: PollSender<TunnelFrame>,
 }
 
@@ -37,8 +41,7 @@ where
     pub fn new(inbound: S, outbound: mpsc::Sender<TunnelFrame>) -> Self {
         TunnelIo {
             inbound,
-            pending: Vec::new(),
-            offset: 0,
+            pending: Bytes::new(),
             outbound: PollSender::new(outbound),
         }
     }
@@ -58,20 +61,17 @@ where
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        while this.offset >= this.pending.len() {
+        while this.pending.is_empty() {
             match ready!(Pin::new(&mut this.inbound).poll_next(cx)) {
-                Some(Ok(frame)) => {
-                    this.pending = frame.data;
-                    this.offset = 0;
-                }
+                Some(Ok(frame)) => this.pending = frame.data,
                 Some(Err(status)) => return Poll::Ready(Err(broken(status.message()))),
                 // End of stream: EOF.
                 None => return Poll::Ready(Ok(())),
             }
         }
-        let n = buf.remaining().min(this.pending.len() - this.offset);
-        buf.put_slice(&this.pending[this.offset..this.offset + n]);
-        this.offset += n;
+        let n = buf.remaining().min(this.pending.len());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -92,7 +92,7 @@ where
         ready!(outbound.poll_reserve(cx)).map_err(|_| broken("closed"))?;
         let n = buf.len().min(MAX_FRAME);
         let frame = TunnelFrame {
-            data: buf[..n].to_vec(),
+            data: Bytes::copy_from_slice(&buf[..n]),
             ..Default::default()
         };
         outbound.send_item(frame).map_err(|_| broken("closed"))?;

@@ -920,3 +920,92 @@ async fn unconfined_sftp_starts_in_the_workspace_and_sees_the_whole_filesystem()
         "outside"
     );
 }
+
+/// Sends grad's `open-read@grad.dev` for `path` asking for `len` bytes;
+/// returns the reply's handle, size and data, or the status code.
+async fn open_read(
+    sftp: &russh_sftp::client::RawSftpSession,
+    path: &str,
+    len: u32,
+) -> Result<(String, Option<u64>, Vec<u8>), russh_sftp::protocol::StatusCode> {
+    use russh_sftp::protocol::{FileAttributes, Packet};
+    let mut request = (path.len() as u32).to_be_bytes().to_vec();
+    request.extend_from_slice(path.as_bytes());
+    request.extend_from_slice(&len.to_be_bytes());
+    match sftp
+        .extended("open-read@grad.dev", request)
+        .await
+        .expect("request")
+    {
+        Packet::ExtendedReply(reply) => {
+            let mut reply = bytes::Bytes::from(reply.data);
+            let (handle, attrs): (String, FileAttributes) =
+                russh_sftp::de::from_bytes(&mut reply).expect("handle and attributes");
+            let n = u32::from_be_bytes(reply[..4].try_into().expect("length")) as usize;
+            assert_eq!(reply.len(), 4 + n, "trailing bytes after the data");
+            Ok((handle, attrs.size, reply[4..].to_vec()))
+        }
+        Packet::Status(status) => Err(status.status_code),
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn open_read_opens_stats_and_reads_the_start_in_one_request() {
+    use russh_sftp::protocol::StatusCode;
+    let Some(runner) = Runner::start().await else {
+        return;
+    };
+    let ws = runner.workspace();
+    let big = random_bytes(100_000);
+    std::fs::write(ws.join("code/big.bin"), &big).expect("big");
+    std::fs::write(ws.join("data/small.txt"), "small\n").expect("small");
+    std::os::unix::fs::symlink("/etc", ws.join("code/etc")).expect("symlink");
+
+    let session = russh_client(&runner).await;
+    let channel = session.channel_open_session().await.expect("channel");
+    channel.request_subsystem(true, "sftp").await.expect("sftp");
+    let sftp = russh_sftp::client::RawSftpSession::new(channel.into_stream());
+    let version = sftp.init().await.expect("init");
+    assert_eq!(
+        version
+            .extensions
+            .get("open-read@grad.dev")
+            .map(String::as_str),
+        Some("1")
+    );
+
+    // A file longer than asked for: its start, its full size, and a handle
+    // that reads on from there.
+    let (handle, size, data) = open_read(&sftp, "/code/big.bin", 65_536)
+        .await
+        .expect("open-read big.bin");
+    assert_eq!(size, Some(100_000));
+    assert_eq!(data, big[..65_536]);
+    let rest = sftp
+        .read(handle.as_str(), 65_536, 65_536)
+        .await
+        .expect("read on");
+    assert_eq!(rest.data, big[65_536..]);
+    sftp.close(handle).await.expect("close");
+    // A short file, under data/ (answered off the loop's thread): all of it.
+    let (handle, size, data) = open_read(&sftp, "data/small.txt", 65_536)
+        .await
+        .expect("open-read small.txt");
+    assert_eq!((size, data.as_slice()), (Some(6), &b"small\n"[..]));
+    sftp.close(handle).await.expect("close");
+    // Missing files and escapes are refused as OPEN refuses them.
+    assert_eq!(
+        open_read(&sftp, "/code/missing", 10).await.err(),
+        Some(StatusCode::NoSuchFile)
+    );
+    assert_eq!(
+        open_read(&sftp, "/code/etc/passwd", 10).await.err(),
+        Some(StatusCode::PermissionDenied)
+    );
+    assert_eq!(
+        open_read(&sftp, "/../../etc/passwd", 10).await.err(),
+        Some(StatusCode::NoSuchFile),
+        "dot-dot stops at the workspace, which has no etc/passwd"
+    );
+}

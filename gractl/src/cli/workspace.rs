@@ -586,7 +586,10 @@ async fn foreground(context: &Context, daemon: bool) -> anyhow::Result<()> {
     }
     let context = context.clone();
     tokio::task::spawn_blocking(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
+        // One thread for all mounts (besides the FUSE threads): each
+        // request is a chain of hand-offs (FUSE → SFTP → SSH → gRPC), which
+        // on one thread are calls rather than cross-thread wake-ups.
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .thread_name("gractl-sync")
             .enable_all()
             .build()

@@ -373,6 +373,23 @@ impl OpenFile {
         }
     }
 
+    /// Takes `data`, read from the start of the file as it was opened, as
+    /// the first chunk of the read-ahead (a chunk shorter than the
+    /// connection's read length ends at the end of the file).
+    pub(crate) fn seed(&self, data: Vec<u8>) {
+        let handle = self.handle();
+        let mut ahead = lock(&self.read);
+        ahead.generation = handle.conn.generation;
+        ahead.version = self.data.version();
+        ahead.chunks.clear();
+        let (_, data) = watch::channel(Some(Ok(Arc::new(data))));
+        ahead.chunks.push_back(Chunk {
+            offset: 0,
+            len: handle.conn.read_len,
+            data,
+        });
+    }
+
     /// Drops the read-ahead (the file is being closed).
     pub(crate) fn forget_reads(&self) {
         lock(&self.read).chunks.clear();

@@ -206,6 +206,9 @@ fn ssh_config(key: PrivateKey) -> russh::server::Config {
         // Room for a long-latency tunnel: the client may keep this much in
         // flight per channel before waiting for a window adjustment.
         window_size: 8 * 1024 * 1024,
+        // The largest channel packet a client may send (russh's ceiling, as
+        // gractl's): twice the default, so half the packets for an upload.
+        maximum_packet_size: 65535,
         ..Default::default()
     }
 }

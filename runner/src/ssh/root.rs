@@ -111,6 +111,18 @@ impl Root {
         }
     }
 
+    /// Whether `client` names a path on the workspace's own disk: inside the
+    /// workspace and not under `data/`, where datasets are mounted over the
+    /// network. Lexical, so a symlink can lead elsewhere: it only decides
+    /// where a request runs, never whether it may.
+    pub(super) fn is_local(&self, client: &str) -> bool {
+        let path = self.base.join(self.logical(client));
+        match path.strip_prefix(self.base.join(&self.home)) {
+            Ok(rest) => rest.components().next() != Some(Component::Normal("data".as_ref())),
+            Err(_) => false,
+        }
+    }
+
     /// Whether `real` is the root itself, which may not be removed or renamed.
     pub(super) fn is_base(&self, real: &Path) -> bool {
         real == self.base
@@ -166,6 +178,21 @@ mod tests {
         assert_eq!(root.logical("code"), PathBuf::from("home/u/ws/code"));
         assert_eq!(root.logical("/etc"), PathBuf::from("etc"));
         assert_eq!(root.client_path(Path::new("/home/u/ws")), "/home/u/ws");
+    }
+
+    #[test]
+    fn the_workspace_is_local_but_its_data_mounts_and_the_rest_are_not() {
+        let root = Root::new(Path::new("/ws"), true);
+        assert!(root.is_local("/code/x.py"));
+        assert!(root.is_local("/"));
+        assert!(root.is_local("outputs/../code"));
+        assert!(root.is_local("/database"));
+        assert!(!root.is_local("/data"));
+        assert!(!root.is_local("/data/taxi/a.parquet"));
+        let unconfined = Root::new(Path::new("/home/u/ws"), false);
+        assert!(unconfined.is_local("code"));
+        assert!(!unconfined.is_local("data/taxi"));
+        assert!(!unconfined.is_local("/etc/passwd"));
     }
 
     #[test]

@@ -7,12 +7,18 @@
 //! other request waits for those before it and holds back those after it, so a
 //! client sees every change in the order it asked for it. Replies go out in
 //! request order. Open files stay open in a handle table and are read and
-//! written at offsets (`pread`/`pwrite`) on blocking threads.
+//! written at offsets (`pread`/`pwrite`).
+//!
+//! Requests about the workspace's own disk are answered on the loop's thread:
+//! they take microseconds, and a hop to a blocking thread would cost more than
+//! the call. Requests about `data/` (where datasets are mounted, over the
+//! network) or outside the workspace go to blocking threads, so a slow mount
+//! holds up nothing else.
 
 use std::{
     collections::HashMap,
     fs::{self, File, FileTimes, Metadata, OpenOptions, Permissions},
-    io,
+    io::{self, Read as _},
     os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::Path,
     sync::{Arc, Mutex, PoisonError},
@@ -52,7 +58,17 @@ const MAX_HANDLES: usize = 4096;
 /// Directory entries per READDIR reply.
 const READDIR_BATCH: usize = 128;
 
+/// How the handles of files and directories outside the workspace's own
+/// disk begin.
+const REMOTE_HANDLE: &str = "r";
+
 const POSIX_RENAME: &str = "posix-rename@openssh.com";
+/// OPEN (read-only) and the first READ in one round trip, with the file's
+/// attributes: all a FUSE client needs to open a file and answer its first
+/// read. Request: string path, uint32 len. Reply (EXTENDED_REPLY): string
+/// handle, ATTRS, string data (up to len bytes from offset 0; fewer only at
+/// the end of the file). gractl's workspace sync uses it when offered.
+const OPEN_READ: &str = "open-read@grad.dev";
 const FSTATVFS: &str = "fstatvfs@openssh.com";
 
 /// Serves SFTP on `channel` until the client ends it, then closes it.
@@ -113,23 +129,34 @@ async fn serve(mut input: impl AsyncRead + Unpin, fs: Arc<Fs>, replies: mpsc::Se
                 tracing::debug!(error = %e, "sftp: a request that does not parse");
                 Reply::Now(status(id, StatusCode::BadMessage, "bad message"))
             }
-            Ok(request) if runs_concurrently(&request) => {
-                let turn = Arc::clone(&order).read_owned().await;
-                let fs = Arc::clone(&fs);
-                Reply::Later(
-                    id,
-                    tokio::task::spawn_blocking(move || {
-                        let reply = fs.answer(request);
-                        drop(turn);
-                        reply
-                    }),
-                )
+            Ok(request) if !fs.is_local(&request) => {
+                if runs_concurrently(&request) {
+                    let turn = Arc::clone(&order).read_owned().await;
+                    let fs = Arc::clone(&fs);
+                    Reply::Later(
+                        id,
+                        tokio::task::spawn_blocking(move || {
+                            let reply = fs.answer(request);
+                            drop(turn);
+                            reply
+                        }),
+                    )
+                } else {
+                    let _turn = order.write().await;
+                    let fs = Arc::clone(&fs);
+                    let reply = tokio::task::spawn_blocking(move || fs.answer(request)).await;
+                    Reply::Now(reply.unwrap_or_else(|e| internal_error(id, &e)))
+                }
             }
             Ok(request) => {
-                let _turn = order.write().await;
-                let fs = Arc::clone(&fs);
-                let reply = tokio::task::spawn_blocking(move || fs.answer(request)).await;
-                Reply::Now(reply.unwrap_or_else(|e| internal_error(id, &e)))
+                // After the slow requests before it, unless neither changes
+                // anything.
+                let _turn = if runs_concurrently(&request) {
+                    None
+                } else {
+                    Some(order.write().await)
+                };
+                Reply::Now(fs.answer(request))
             }
         };
         // Bounded: at most MAX_IN_FLIGHT replies wait to be sent.
@@ -187,6 +214,19 @@ impl From<io::Error> for Fail {
 
 type Answer = Result<Packet, Fail>;
 
+#[derive(serde::Deserialize)]
+struct OpenRead {
+    path: String,
+    len: u32,
+}
+
+/// The reply to [`OPEN_READ`] before its data.
+#[derive(serde::Serialize)]
+struct OpenReadReply {
+    handle: String,
+    attrs: FileAttributes,
+}
+
 /// What a handle names.
 enum Opened {
     File(Arc<File>),
@@ -204,7 +244,7 @@ struct Fs {
     handles: Mutex<Handles>,
 }
 
-/// The operations, on a blocking thread each.
+/// The operations.
 impl Fs {
     fn answer(&self, request: Packet) -> Bytes {
         let id = request.get_request_id();
@@ -241,12 +281,52 @@ impl Fs {
         }
     }
 
-    fn insert(&self, open: Opened) -> Result<String, Fail> {
+    /// Whether `request` only touches the workspace's own disk (see the
+    /// module docs). A handle says where it was opened: those of remote
+    /// paths start with [`REMOTE_HANDLE`].
+    fn is_local(&self, request: &Packet) -> bool {
+        let handle = |handle: &str| !handle.starts_with(REMOTE_HANDLE);
+        let path = |path: &str| self.root.is_local(path);
+        match request {
+            Packet::Read(Read { handle: h, .. })
+            | Packet::Write(Write { handle: h, .. })
+            | Packet::Fstat(Fstat { handle: h, .. })
+            | Packet::FSetStat(FSetStat { handle: h, .. })
+            | Packet::Close(Close { handle: h, .. })
+            | Packet::ReadDir(ReadDir { handle: h, .. }) => handle(h),
+            Packet::Open(Open { filename: p, .. })
+            | Packet::Stat(Stat { path: p, .. })
+            | Packet::Lstat(Lstat { path: p, .. })
+            | Packet::SetStat(SetStat { path: p, .. })
+            | Packet::OpenDir(OpenDir { path: p, .. })
+            | Packet::Remove(Remove { filename: p, .. })
+            | Packet::MkDir(MkDir { path: p, .. })
+            | Packet::RmDir(RmDir { path: p, .. })
+            | Packet::RealPath(RealPath { path: p, .. })
+            | Packet::ReadLink(ReadLink { path: p, .. }) => path(p),
+            Packet::Rename(Rename {
+                oldpath, newpath, ..
+            }) => path(oldpath) && path(newpath),
+            Packet::Symlink(Symlink { targetpath, .. }) => path(targetpath),
+            Packet::Extended(Extended { request, data, .. }) if request == OPEN_READ => {
+                first_string(data).is_some_and(path)
+            }
+            Packet::Init(_) => true,
+            // Other extensions name paths and handles in their own encodings.
+            _ => false,
+        }
+    }
+
+    fn insert(&self, open: Opened, local: bool) -> Result<String, Fail> {
         let mut handles = self.handles.lock().unwrap_or_else(PoisonError::into_inner);
         if handles.open.len() >= MAX_HANDLES {
             return Err(Fail::Io(io::Error::other("too many open handles")));
         }
-        let handle = handles.next.to_string();
+        let handle = if local {
+            handles.next.to_string()
+        } else {
+            format!("{REMOTE_HANDLE}{}", handles.next)
+        };
         handles.next += 1;
         handles.open.insert(handle.clone(), open);
         Ok(handle)
@@ -328,8 +408,35 @@ impl Fs {
             }
         }
         let file = options.open(path)?;
-        let handle = self.insert(Opened::File(Arc::new(file)))?;
+        let local = self.root.is_local(&filename);
+        let handle = self.insert(Opened::File(Arc::new(file)), local)?;
         Ok(Packet::Handle(Handle { id, handle }))
+    }
+
+    /// See [`OPEN_READ`].
+    fn open_read(&self, id: u32, OpenRead { path, len }: OpenRead) -> Answer {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.root.resolve(&path)?)?;
+        let meta = file.metadata()?;
+        let len = len.min(MAX_READ);
+        // Sized by the file, but read to `len` whatever it says: files such
+        // as those of /proc report a size of 0.
+        let mut data = Vec::with_capacity(meta.size().min(u64::from(len)) as usize);
+        (&file).take(u64::from(len)).read_to_end(&mut data)?;
+        let local = self.root.is_local(&path);
+        let handle = self.insert(Opened::File(Arc::new(file)), local)?;
+        let mut reply = russh_sftp::ser::to_bytes(&OpenReadReply {
+            handle,
+            attrs: attributes(&meta),
+        })
+        .map_err(|e| Fail::Io(io::Error::other(e)))?
+        .to_vec();
+        reply.reserve(4 + data.len());
+        reply.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        reply.extend_from_slice(&data);
+        Ok(Packet::ExtendedReply(ExtendedReply { id, data: reply }))
     }
 
     fn close(&self, Close { id, handle }: Close) -> Answer {
@@ -412,7 +519,8 @@ impl Fs {
 
     fn opendir(&self, OpenDir { id, path }: OpenDir) -> Answer {
         let listing = fs::read_dir(self.root.resolve(&path)?)?;
-        let handle = self.insert(Opened::Dir(Arc::new(Mutex::new(listing))))?;
+        let local = self.root.is_local(&path);
+        let handle = self.insert(Opened::Dir(Arc::new(Mutex::new(listing))), local)?;
         Ok(Packet::Handle(Handle { id, handle }))
     }
 
@@ -516,6 +624,7 @@ impl Fs {
                 let paths: HardlinkExtension = parse(data)?;
                 self.rename(id, &paths.oldpath, &paths.newpath)
             }
+            OPEN_READ => self.open_read(id, parse(data)?),
             extensions::HARDLINK => {
                 let paths: HardlinkExtension = parse(data)?;
                 fs::hard_link(
@@ -578,6 +687,7 @@ fn version() -> Version {
         (extensions::HARDLINK, "1"),
         (extensions::FSYNC, "1"),
         (extensions::LIMITS, "1"),
+        (OPEN_READ, "1"),
     ] {
         version.extensions.insert(name.into(), revision.into());
     }
@@ -642,6 +752,12 @@ fn status(id: u32, code: StatusCode, message: &str) -> Bytes {
 }
 
 /// Reads until `buf` is full or the file ends.
+/// The string an extension request's data starts with.
+fn first_string(data: &[u8]) -> Option<&str> {
+    let len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    std::str::from_utf8(data.get(4..4usize.checked_add(len)?)?).ok()
+}
+
 fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {

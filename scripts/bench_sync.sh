@@ -5,12 +5,13 @@
 #           grad-runner's SSH server, all on loopback;
 #   sshfs — Debian's sshfs → OpenSSH sshd + sftp-server on loopback.
 # Workload: sequential write and read of 256 MiB (page cache dropped before the
-# read), creating 2000 small files, `ls -lR` cold, `cat` of all 2000.
+# read), creating 2000 small files (in a new directory each round), `ls -lR`
+# cold (of everything: ROUNDS x 2000 files), `cat` of 2000 small files.
 # Each step runs ROUNDS times per mount; prints medians and grad/sshfs ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "${BIN:-target/release}")
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 SIZE_MB=${SIZE_MB:-256}
 SMALL=${SMALL:-2000}
 
@@ -18,7 +19,16 @@ if ! command -v sshfs >/dev/null || ! command -v sshd >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sshfs openssh-server fuse3 >/dev/null
 fi
 
-TMP=$(mktemp -d /tmp/grad-bench-sync.XXXXXX)
+# Where both servers keep their files: tmpfs by default, so that the figures
+# compare the two transports rather than this machine's disk (whose fsync of
+# 256 MiB alone swings between 0.26 and 0.68 s); STORE=disk puts them on /tmp.
+case ${STORE:-tmpfs} in
+  tmpfs) BASE=/dev/shm ;;
+  disk) BASE=/tmp ;;
+  *) echo "STORE must be tmpfs or disk, not '$STORE'" >&2; exit 2 ;;
+esac
+TMP=$(mktemp -d "$BASE/grad-bench-sync.XXXXXX")
+echo "(files kept on ${STORE:-tmpfs}: $BASE)"
 GRAD_PID= SSHD_PID=
 cleanup() {
   set +e
@@ -76,16 +86,19 @@ grep -q " $GRAD_MNT " /proc/self/mountinfo || { echo "grad mount missing" >&2; e
 head -c "$((SIZE_MB << 20))" /dev/urandom > "$TMP/big.src"
 now() { date +%s.%N; }
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-# step MOUNT NAME: prints seconds for one round of step NAME on MOUNT.
+# step MOUNT NAME ROUND: prints seconds for round ROUND of step NAME on MOUNT.
 step() {
-  local m=$1 name=$2 t0 t1
+  local m=$1 name=$2 round=$3 t0 t1
   case $name in
     write) rm -f "$m/big"; drop; t0=$(now); dd if="$TMP/big.src" of="$m/big" bs=1M conv=fsync status=none; t1=$(now) ;;
     read) drop; t0=$(now); dd if="$m/big" of=/dev/null bs=1M status=none; t1=$(now) ;;
-    create) rm -rf "$m/small"; mkdir "$m/small"; t0=$(now)
-            for i in $(seq "$SMALL"); do echo "file $i" > "$m/small/f$i"; done; t1=$(now) ;;
+    # A new directory each round, nothing deleted: ext4 makes creating
+    # files right after thousands were deleted slow for any client (it
+    # scans for inodes not recently freed), which would swamp both mounts.
+    create) mkdir "$m/small$round"; t0=$(now)
+            for i in $(seq "$SMALL"); do echo "file $i" > "$m/small$round/f$i"; done; t1=$(now) ;;
     ls) drop; t0=$(now); ls -lR "$m" > /dev/null; t1=$(now) ;;
-    cat) drop; t0=$(now); cat "$m"/small/* > /dev/null; t1=$(now) ;;
+    cat) drop; t0=$(now); cat "$m"/small1/* > /dev/null; t1=$(now) ;;
   esac
   awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }'
 }
@@ -93,9 +106,9 @@ median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 printf '| step | grad (median s) | sshfs (median s) | grad speed vs sshfs |\n|---|---|---|---|\n'
 for name in write read create ls cat; do
   g=(); s=()
-  for _ in $(seq "$ROUNDS"); do
-    g+=("$(step "$GRAD_MNT" "$name")")
-    s+=("$(step "$TMP/sshfs" "$name")")
+  for r in $(seq "$ROUNDS"); do
+    g+=("$(step "$GRAD_MNT" "$name" "$r")")
+    s+=("$(step "$TMP/sshfs" "$name" "$r")")
   done
   gm=$(printf '%s\n' "${g[@]}" | median); sm=$(printf '%s\n' "${s[@]}" | median)
   case $name in

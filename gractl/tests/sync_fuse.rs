@@ -283,6 +283,16 @@ fn rename_unlink_mkdir_rmdir_and_symlinks_act_on_the_server() {
         .create_new(true)
         .open(fx.mnt("code/old.txt"));
     assert_eq!(errno(exclusive), Some(libc::EEXIST));
+
+    // A hard link is the same file on the server (hardlink@openssh.com);
+    // here each path keeps an inode number of its own (and SFTP has no link
+    // counts to show).
+    fs::hard_link(fx.mnt("code/old.txt"), fx.mnt("code/also.txt")).unwrap();
+    assert_eq!(
+        fs::metadata(fx.disk("code/also.txt")).unwrap().ino(),
+        fs::metadata(fx.disk("code/old.txt")).unwrap().ino()
+    );
+    assert_eq!(fs::read_to_string(fx.mnt("code/also.txt")).unwrap(), "new");
 }
 
 #[test]

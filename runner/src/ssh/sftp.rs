@@ -9,11 +9,12 @@
 //! request order. Open files stay open in a handle table and are read and
 //! written at offsets (`pread`/`pwrite`).
 //!
-//! Requests about the workspace's own disk are answered on the loop's thread:
-//! they take microseconds, and a hop to a blocking thread would cost more than
-//! the call. Requests about `data/` (where datasets are mounted, over the
-//! network) or outside the workspace go to blocking threads, so a slow mount
-//! holds up nothing else.
+//! Quick requests, those about the workspace's own disk, are answered on the
+//! loop's thread: they take microseconds, and a hop to a blocking thread would
+//! cost more than the call. Requests about `data/` (where datasets are mounted,
+//! over the network) or outside the workspace go to blocking threads, so a slow
+//! mount holds up nothing else; so do large writes, which the kernel may hold
+//! up to write back dirty pages, while the thread goes on decrypting the next.
 
 use std::{
     collections::HashMap,
@@ -47,17 +48,22 @@ use super::root::{Root, outside};
 
 /// Requests answered at the same time (and replies queued), at most.
 const MAX_IN_FLIGHT: usize = 64;
-/// The largest request packet accepted (a WRITE of 1 MiB and its header).
-const MAX_PACKET: u32 = 1024 * 1024 + 1024;
-/// The packet size advertised in `limits@openssh.com`, as OpenSSH's server.
-const LIMIT_PACKET: u64 = 256 * 1024;
-/// The most a READ returns and a client should WRITE at once (advertised).
+/// The largest WRITE a client may send (advertised): 1 MiB, as FUSE hands
+/// writes over, so a large upload takes a quarter of the requests (and of the
+/// replies, each a trip back through the tunnel) that 255 KiB ones would.
+const MAX_WRITE: u32 = 1024 * 1024;
+/// The largest request packet accepted: a WRITE of `MAX_WRITE` and its header.
+const MAX_PACKET: u32 = MAX_WRITE + 1024;
+/// The most a READ returns (advertised): OpenSSH's figure, which keeps the
+/// first bytes of a sequential read coming back early.
 const MAX_READ: u32 = 255 * 1024;
 /// Open files and directories per session, at most.
 const MAX_HANDLES: usize = 4096;
 /// Directory entries per READDIR reply.
 const READDIR_BATCH: usize = 128;
 
+/// Writes up to this size are quick (see the module docs).
+const QUICK_WRITE: usize = 64 * 1024;
 /// How the handles of files and directories outside the workspace's own
 /// disk begin.
 const REMOTE_HANDLE: &str = "r";
@@ -129,7 +135,7 @@ async fn serve(mut input: impl AsyncRead + Unpin, fs: Arc<Fs>, replies: mpsc::Se
                 tracing::debug!(error = %e, "sftp: a request that does not parse");
                 Reply::Now(status(id, StatusCode::BadMessage, "bad message"))
             }
-            Ok(request) if !fs.is_local(&request) => {
+            Ok(request) if !fs.is_quick(&request) => {
                 if runs_concurrently(&request) {
                     let turn = Arc::clone(&order).read_owned().await;
                     let fs = Arc::clone(&fs);
@@ -281,13 +287,14 @@ impl Fs {
         }
     }
 
-    /// Whether `request` only touches the workspace's own disk (see the
-    /// module docs). A handle says where it was opened: those of remote
-    /// paths start with [`REMOTE_HANDLE`].
-    fn is_local(&self, request: &Packet) -> bool {
+    /// Whether `request` is answered on the loop's thread (see the module
+    /// docs). A handle says where it was opened: those of remote paths start
+    /// with [`REMOTE_HANDLE`].
+    fn is_quick(&self, request: &Packet) -> bool {
         let handle = |handle: &str| !handle.starts_with(REMOTE_HANDLE);
         let path = |path: &str| self.root.is_local(path);
         match request {
+            Packet::Write(Write { data, .. }) if data.len() > QUICK_WRITE => false,
             Packet::Read(Read { handle: h, .. })
             | Packet::Write(Write { handle: h, .. })
             | Packet::Fstat(Fstat { handle: h, .. })
@@ -652,9 +659,9 @@ impl Fs {
             extensions::LIMITS => extended_reply(
                 id,
                 &LimitsExtension {
-                    max_packet_len: LIMIT_PACKET,
+                    max_packet_len: MAX_PACKET.into(),
                     max_read_len: MAX_READ.into(),
-                    max_write_len: MAX_READ.into(),
+                    max_write_len: MAX_WRITE.into(),
                     max_open_handles: MAX_HANDLES as u64,
                 },
             ),

@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     auth::{self, Caller},
+    blobs::BlobStore,
     exec,
     runners::{Runners, Waited},
     ssh_keys,
@@ -35,6 +36,7 @@ use crate::{
 pub struct Api {
     pub runners: Arc<Runners>,
     pub tunnels: Arc<Tunnels>,
+    pub blobs: Arc<dyn BlobStore>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }

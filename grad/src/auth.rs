@@ -83,21 +83,10 @@ impl Keys {
 
     /// Loads the key at `path`, creating a random one (mode 0600) if absent.
     pub fn load_or_create(path: &Path) -> Result<Keys> {
-        match fs::read(path) {
-            Ok(secret) if secret.len() >= 32 => return Ok(Keys::from_secret(&secret)),
-            Ok(_) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "{}: the JWT signing key must be at least 32 bytes",
-                    path.display()
-                )));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
-        }
-        let mut secret = [0u8; 32];
-        rand::rng().fill_bytes(&mut secret);
-        write_private(path, &secret)?;
-        Ok(Keys::from_secret(&secret))
+        Ok(Keys::from_secret(&load_or_create_secret(
+            path,
+            "the JWT signing key",
+        )?))
     }
 
     fn sign(&self, claims: &Claims) -> Result<String> {
@@ -202,6 +191,26 @@ impl Keys {
 }
 
 /// Writes `bytes` to a new file readable only by its owner.
+/// A secret of at least 32 bytes kept in `path` (0600), made at first use;
+/// `what` names it in errors.
+pub fn load_or_create_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
+    match fs::read(path) {
+        Ok(secret) if secret.len() >= 32 => return Ok(secret),
+        Ok(_) => {
+            return Err(Error::FailedPrecondition(format!(
+                "{}: {what} must be at least 32 bytes",
+                path.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
+    }
+    let mut secret = vec![0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    write_private(path, &secret)?;
+    Ok(secret)
+}
+
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = fs::OpenOptions::new()
         .write(true)

@@ -80,6 +80,40 @@ pub struct Config {
     /// A starting runner that has not registered within this long is marked failed.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub start_timeout: Duration,
+    #[command(flatten)]
+    pub blobs: Blobs,
+}
+
+/// Where blobs (outputs, bundles, logs) are kept.
+#[derive(Debug, Clone, Args)]
+pub struct Blobs {
+    /// `dir`: a directory in the data dir, served by grad itself; `s3`: an
+    /// S3-compatible bucket (credentials the AWS SDK's way: AWS_ACCESS_KEY_ID
+    /// and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/credentials).
+    #[arg(long, env = "GRAD_BLOB_STORE", value_enum, default_value_t = BlobStoreKind::Dir)]
+    pub blob_store: BlobStoreKind,
+    /// The bucket, with --blob-store s3.
+    #[arg(long, env = "GRAD_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Prepended to every object key in the bucket (e.g. `grad/`).
+    #[arg(long, env = "GRAD_S3_PREFIX", default_value = "")]
+    pub s3_prefix: String,
+    /// An S3-compatible endpoint such as http://127.0.0.1:9000 (default: AWS).
+    #[arg(long, env = "GRAD_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// The bucket's region (default: the AWS SDK's, else us-east-1).
+    #[arg(long, env = "GRAD_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Path-style URLs (http://host/bucket/key), which most S3-compatible
+    /// servers need.
+    #[arg(long, env = "GRAD_S3_PATH_STYLE")]
+    pub s3_path_style: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BlobStoreKind {
+    Dir,
+    S3,
 }
 
 impl Config {
@@ -100,6 +134,17 @@ impl Config {
         {
             return Err(format!(
                 "--advertise-url '{url}': expected a URL like http://10.0.0.5:7070"
+            ));
+        }
+        let blobs = &self.blobs;
+        if blobs.blob_store == BlobStoreKind::S3 && blobs.s3_bucket.is_none() {
+            return Err("--blob-store s3 needs --s3-bucket (or GRAD_S3_BUCKET)".into());
+        }
+        if let Some(url) = &blobs.s3_endpoint
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!(
+                "--s3-endpoint '{url}': expected a URL like http://127.0.0.1:9000"
             ));
         }
         Ok(())

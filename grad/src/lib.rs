@@ -8,6 +8,7 @@ pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod backend;
+pub mod blobs;
 pub mod config;
 pub mod error;
 pub mod exec;

@@ -23,7 +23,8 @@ use crate::{
     api::Api,
     auth::{self, Keys},
     backend::{self, Local},
-    config::Config,
+    blobs::{BlobStore, DirStore, S3Store, s3},
+    config::{BlobStoreKind, Config},
     error::{Error, Result},
     runners::{Runners, Timing},
     store::{Plan, Role, Store},
@@ -76,6 +77,37 @@ fn default_runner_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("grad-runner"))
 }
 
+/// The configured blob store, and the HTTP routes it serves on grad's port
+/// (the embedded store's signed URLs; none for S3).
+async fn open_blobs(
+    config: &crate::config::Blobs,
+    data_dir: &Path,
+    server_url: &str,
+) -> Result<(Arc<dyn BlobStore>, axum::Router)> {
+    match config.blob_store {
+        BlobStoreKind::Dir => {
+            let store = Arc::new(DirStore::open(
+                &data_dir.join("blobs"),
+                &data_dir.join("blob.key"),
+                server_url,
+            )?);
+            Ok((store.clone(), store.router()))
+        }
+        BlobStoreKind::S3 => {
+            let store = S3Store::new(&s3::Settings {
+                bucket: config.s3_bucket.clone().unwrap_or_default(),
+                prefix: config.s3_prefix.clone(),
+                endpoint: config.s3_endpoint.clone(),
+                region: config.s3_region.clone(),
+                path_style: config.s3_path_style,
+                credentials: None,
+            })
+            .await?;
+            Ok((Arc::new(store), axum::Router::new()))
+        }
+    }
+}
+
 /// Serves on an already-bound listener until `shutdown` is cancelled, then
 /// drains: health NOT_SERVING, agent streams closed, tasks joined with a
 /// deadline. Runner processes are left running; they reconnect to the next grad.
@@ -107,6 +139,9 @@ pub async fn serve(
         };
         format!("http://{ip}:{}", addr.port())
     });
+
+    let (blobs, blob_routes) = open_blobs(&config.blobs, &data_dir, &server_url).await?;
+    tracing::info!(store = blobs.kind(), "blob store ready");
 
     let tracker = TaskTracker::new();
     let (events_tx, events_rx) = mpsc::channel(64);
@@ -156,6 +191,7 @@ pub async fn serve(
     let api = Api {
         runners: runners.clone(),
         tunnels: Arc::new(Tunnels::default()),
+        blobs,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     };
@@ -173,7 +209,7 @@ pub async fn serve(
             reflection, auth,
         ));
     let healthz_shutdown = shutdown.clone();
-    let router = routes.into_axum_router().route(
+    let router = routes.into_axum_router().merge(blob_routes).route(
         "/healthz",
         get(move || {
             let stopping = healthz_shutdown.is_cancelled();

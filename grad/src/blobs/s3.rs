@@ -1,0 +1,244 @@
+//! The S3 blob store: any S3-compatible service through `aws-sdk-s3`, which
+//! presigns the URLs (SigV4 in the query). Credentials come the SDK's usual
+//! way: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE` and the
+//! shared config and credentials files, or the instance's role.
+//!
+//! An upload URL carries the body's SHA-256 as a signed
+//! `x-amz-checksum-sha256` header, which the uploader must send and S3
+//! checks against the body.
+
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_s3::{
+    Client,
+    config::{BehaviorVersion, Region},
+    presigning::{PresignedRequest, PresigningConfig},
+};
+use base64::Engine;
+
+use super::{BlobStore, BoxFuture, Key, Method, Object, Presigned, Sha256, check_expiry};
+use crate::error::{Error, Result};
+
+/// Where the objects live.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    pub bucket: String,
+    /// Prepended to every key (e.g. `grad/`).
+    pub prefix: String,
+    /// A non-AWS endpoint (`http://127.0.0.1:9000`); AWS's own otherwise.
+    pub endpoint: Option<String>,
+    /// Default: the SDK's (`AWS_REGION`, the profile), else `us-east-1`.
+    pub region: Option<String>,
+    /// `http://host/bucket/key` instead of `http://bucket.host/key`: what
+    /// most S3-compatible servers need.
+    pub path_style: bool,
+    /// These keys instead of the SDK's chain (a dataset's own credentials).
+    pub credentials: Option<Credentials>,
+}
+
+/// An access key pair; its Debug output hides the secret.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .finish()
+    }
+}
+
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    prefix: String,
+}
+
+impl S3Store {
+    pub async fn new(settings: &Settings) -> Result<S3Store> {
+        if settings.bucket.is_empty() {
+            return Err(Error::InvalidArgument(
+                "--s3-bucket: the S3 blob store needs a bucket".into(),
+            ));
+        }
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(endpoint) = &settings.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(region) = &settings.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(keys) = &settings.credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                &keys.access_key_id,
+                &keys.secret_access_key,
+                None,
+                None,
+                "grad",
+            ));
+        }
+        let shared = loader.load().await;
+        let mut config = aws_sdk_s3::config::Builder::from(&shared);
+        if shared.region().is_none() {
+            config = config.region(Region::from_static("us-east-1"));
+        }
+        let config = config.force_path_style(settings.path_style).build();
+        Ok(S3Store {
+            client: Client::from_conf(config),
+            bucket: settings.bucket.clone(),
+            prefix: settings.prefix.clone(),
+        })
+    }
+
+    fn object_key(&self, key: &Key) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn failed(&self, what: &str, key: &str, error: impl std::fmt::Display) -> Error {
+        Error::Unavailable(format!(
+            "S3 {what} of s3://{}/{}{key} failed: {error}",
+            self.bucket, self.prefix
+        ))
+    }
+}
+
+fn presigning(expires_in: Duration) -> Result<PresigningConfig> {
+    check_expiry(expires_in)?;
+    PresigningConfig::expires_in(expires_in)
+        .map_err(|e| Error::InvalidArgument(format!("URL expiry: {e}")))
+}
+
+fn presigned(method: Method, request: &PresignedRequest, expires_in: Duration) -> Presigned {
+    Presigned {
+        method,
+        url: request.uri().to_owned(),
+        headers: request
+            .headers()
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect(),
+        expires_at: SystemTime::now() + expires_in,
+    }
+}
+
+impl BlobStore for S3Store {
+    fn kind(&self) -> &'static str {
+        "s3"
+    }
+
+    fn presign_put<'a>(
+        &'a self,
+        key: &'a Key,
+        sha256: Sha256,
+        expires_in: Duration,
+    ) -> BoxFuture<'a, Result<Presigned>> {
+        Box::pin(async move {
+            let request = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(self.object_key(key))
+                .checksum_sha256(base64::engine::general_purpose::STANDARD.encode(sha256.0))
+                .presigned(presigning(expires_in)?)
+                .await
+                .map_err(|e| self.failed("presigning a PUT", key.as_str(), e))?;
+            Ok(presigned(Method::Put, &request, expires_in))
+        })
+    }
+
+    fn presign_get<'a>(
+        &'a self,
+        key: &'a Key,
+        expires_in: Duration,
+    ) -> BoxFuture<'a, Result<Presigned>> {
+        Box::pin(async move {
+            let request = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(self.object_key(key))
+                .presigned(presigning(expires_in)?)
+                .await
+                .map_err(|e| self.failed("presigning a GET", key.as_str(), e))?;
+            Ok(presigned(Method::Get, &request, expires_in))
+        })
+    }
+
+    fn head<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Result<Option<Object>>> {
+        Box::pin(async move {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(self.object_key(key))
+                .send()
+                .await
+            {
+                Ok(head) => Ok(Some(Object {
+                    key: key.clone(),
+                    size: head.content_length().unwrap_or(0).max(0) as u64,
+                })),
+                Err(e) if e.as_service_error().is_some_and(|e| e.is_not_found()) => Ok(None),
+                Err(e) => Err(self.failed(
+                    "HEAD",
+                    key.as_str(),
+                    aws_sdk_s3::error::DisplayErrorContext(e),
+                )),
+            }
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Object>>> {
+        Box::pin(async move {
+            let mut pages = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(format!("{}{prefix}", self.prefix))
+                .into_paginator()
+                .send();
+            let mut found = Vec::new();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| {
+                    self.failed("listing", prefix, aws_sdk_s3::error::DisplayErrorContext(e))
+                })?;
+                for object in page.contents() {
+                    let Some(key) = object.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
+                        continue;
+                    };
+                    // Objects that grad did not write are not grad's.
+                    if let Ok(key) = Key::new(key) {
+                        found.push(Object {
+                            key,
+                            size: object.size().unwrap_or(0).max(0) as u64,
+                        });
+                    }
+                }
+            }
+            found.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(found)
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(self.object_key(key))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    self.failed(
+                        "DELETE",
+                        key.as_str(),
+                        aws_sdk_s3::error::DisplayErrorContext(e),
+                    )
+                })
+        })
+    }
+}

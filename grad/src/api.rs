@@ -95,6 +95,7 @@ impl Api {
             create_time: Some(timestamp(r.created_at)),
             update_time: Some(timestamp(r.updated_at)),
             host_key: r.host_key,
+            datasets: r.datasets.iter().map(|d| d.to_status()).collect(),
         }
     }
 }
@@ -122,7 +123,10 @@ impl RunnersRpc for Api {
             storage_bytes: res.storage_bytes,
             gpus: res.gpus,
         };
-        let runner = self.runners.create(&caller, &msg.name, resources).await?;
+        let runner = self
+            .runners
+            .create(&caller, &msg.name, resources, msg.datasets)
+            .await?;
         Ok(Response::new(self.runner_to_pb(runner)))
     }
 
@@ -416,6 +420,7 @@ impl RunnerAgent for Api {
         // Cannot fail: the channel is new and has room for both.
         let _ = commands.try_send(registered);
         let _ = commands.try_send(self.runners.authorized_keys(&runner.owner_id).await?);
+        let _ = commands.try_send(self.runners.mount_datasets(&runner)?);
         self.runners.notify();
 
         let runners = self.runners.clone();
@@ -442,6 +447,12 @@ impl RunnerAgent for Api {
                     Some(Message::ExecEvent(e)) => {
                         if let (Some(route), Some(event)) = (agent.route(&e.request_id), e.event) {
                             let _ = route.send(event).await;
+                        }
+                    }
+                    Some(Message::DatasetsMounted(report)) => {
+                        if let Err(e) = runners.datasets_mounted(&runner_id, &report.datasets).await
+                        {
+                            tracing::warn!(runner = %runner.name, error = %e, "recording dataset mounts");
                         }
                     }
                     Some(Message::Heartbeat(_)) | Some(Message::Register(_)) | None => {}

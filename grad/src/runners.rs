@@ -19,8 +19,10 @@ use crate::{
     agents::{Agent, Agents},
     auth::{Keys, UserCaller},
     backend::{self, Backend},
+    datasets,
     error::{Error, Result},
     lock,
+    sealed::Sealer,
     store::{self, Plan, Resources, State, Store, now_ms},
 };
 
@@ -66,6 +68,7 @@ pub struct Runners {
     store: Store,
     backend: Arc<dyn Backend>,
     keys: Keys,
+    sealer: Sealer,
     agents: Arc<Agents>,
     timing: Timing,
     changed: watch::Sender<u64>,
@@ -146,6 +149,7 @@ impl Runners {
         backend: Arc<dyn Backend>,
         keys: Keys,
         agents: Arc<Agents>,
+        sealer: Sealer,
         timing: Timing,
         tracker: TaskTracker,
         shutdown: CancellationToken,
@@ -154,6 +158,7 @@ impl Runners {
             store,
             backend,
             keys,
+            sealer,
             agents,
             timing,
             changed: watch::channel(0).0,
@@ -257,6 +262,29 @@ impl Runners {
         })
     }
 
+    /// The command that mounts `runner`'s datasets (sent at each registration).
+    pub fn mount_datasets(&self, runner: &store::Runner) -> Result<AgentCommand> {
+        datasets::mount_command(runner, &self.sealer)
+    }
+
+    /// Records what a runner's agent reported about its datasets.
+    pub async fn datasets_mounted(
+        &self,
+        runner_id: &str,
+        statuses: &[grad_proto::DatasetStatus],
+    ) -> Result<()> {
+        let Some(runner) = self.store.runner_by_id(runner_id).await? else {
+            return Ok(());
+        };
+        for status in statuses.iter().filter(|s| !s.mounted) {
+            tracing::warn!(runner = %runner.name, dataset = %status.name, error = %status.error, "dataset not mounted");
+        }
+        let datasets = datasets::with_statuses(runner.datasets, statuses);
+        self.store.set_runner_datasets(runner_id, &datasets).await?;
+        self.bump();
+        Ok(())
+    }
+
     pub fn tracker(&self) -> &TaskTracker {
         &self.tracker
     }
@@ -308,12 +336,15 @@ impl Runners {
         caller: &UserCaller,
         name: &str,
         requested: Resources,
+        datasets: Vec<grad_proto::Dataset>,
     ) -> Result<store::Runner> {
         validate_name(name)?;
         let resources = validate_resources(requested, caller.plan)?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let (datasets, dataset_credentials) = datasets::accept(datasets, &self.sealer, &id)?;
         let now = now_ms();
         let runner = store::Runner {
-            id: uuid::Uuid::new_v4().to_string(),
+            id,
             owner_id: caller.id.clone(),
             owner_name: caller.name.clone(),
             name: name.to_string(),
@@ -331,6 +362,8 @@ impl Runners {
             host_key: String::new(),
             created_at: now,
             updated_at: now,
+            datasets,
+            dataset_credentials,
         };
         let guard = self.lock_runner(&runner.id).await;
         self.store.insert_runner(&runner).await?;

@@ -27,6 +27,7 @@ use crate::{
     config::{BlobStoreKind, Config},
     error::{Error, Result},
     runners::{Runners, Timing},
+    sealed::Sealer,
     store::{Plan, Role, Store},
     tunnel::Tunnels,
 };
@@ -160,11 +161,13 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let agents = Arc::new(Agents::default());
+    let sealer = Sealer::load_or_create(&data_dir.join("secrets.key"))?;
     let runners = Runners::new(
         store.clone(),
         backend,
         keys.clone(),
         agents.clone(),
+        sealer,
         Timing {
             heartbeat_interval: config.heartbeat_interval,
             heartbeat_timeout: config.heartbeat_timeout,

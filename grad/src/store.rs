@@ -75,6 +75,10 @@ pub struct Runner {
     pub host_key: String,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Its datasets and their mount status (no secrets).
+    pub datasets: Vec<crate::datasets::Dataset>,
+    /// The datasets' credentials, sealed (see `crate::sealed`); "" for none.
+    pub dataset_credentials: String,
 }
 
 #[derive(Debug, Clone)]
@@ -157,7 +161,7 @@ fn parse_column<T: FromStr<Err = String>>(row: &AnyRow, column: &str) -> Result<
 
 const RUNNER_COLUMNS: &str = "r.id, r.owner_id, u.name AS owner_name, r.name, r.state, r.reason, \
      r.cpu_millis, r.memory_bytes, r.storage_bytes, r.gpus, r.backend, r.workspace, r.token_id, \
-     r.pid, r.host_key, r.created_at, r.updated_at";
+     r.pid, r.host_key, r.created_at, r.updated_at, r.datasets, r.dataset_credentials";
 
 fn runner_from_row(row: &AnyRow) -> Result<Runner> {
     let pid: Option<i64> = row.try_get("pid")?;
@@ -181,7 +185,16 @@ fn runner_from_row(row: &AnyRow) -> Result<Runner> {
         host_key: row.try_get("host_key")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        datasets: serde_json::from_str(&row.try_get::<String, _>("datasets")?).map_err(|e| {
+            Error::FailedPrecondition(format!("a runner's datasets in the store: {e}"))
+        })?,
+        dataset_credentials: row.try_get("dataset_credentials")?,
     })
+}
+
+fn datasets_json(datasets: &[crate::datasets::Dataset]) -> Result<String> {
+    serde_json::to_string(datasets)
+        .map_err(|e| Error::FailedPrecondition(format!("encoding datasets: {e}")))
 }
 
 fn ssh_key_from_row(row: &AnyRow) -> Result<SshKey> {
@@ -283,8 +296,9 @@ impl Store {
     pub async fn insert_runner(&self, runner: &Runner) -> Result<()> {
         let inserted = sqlx::query(
             "INSERT INTO runners (id, owner_id, name, state, reason, cpu_millis, memory_bytes, \
-             storage_bytes, gpus, backend, workspace, token_id, pid, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+             storage_bytes, gpus, backend, workspace, token_id, pid, created_at, updated_at, \
+             datasets, dataset_credentials) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         )
         .bind(&runner.id)
         .bind(&runner.owner_id)
@@ -301,6 +315,8 @@ impl Store {
         .bind(runner.pid.map(i64::from))
         .bind(runner.created_at)
         .bind(runner.updated_at)
+        .bind(datasets_json(&runner.datasets)?)
+        .bind(&runner.dataset_credentials)
         .execute(&self.pool)
         .await;
         match inserted {
@@ -390,6 +406,21 @@ impl Store {
     pub async fn set_runner_host_key(&self, id: &str, host_key: &str) -> Result<()> {
         sqlx::query("UPDATE runners SET host_key = $1 WHERE id = $2")
             .bind(host_key)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records what the runner reported about its datasets.
+    pub async fn set_runner_datasets(
+        &self,
+        id: &str,
+        datasets: &[crate::datasets::Dataset],
+    ) -> Result<()> {
+        sqlx::query("UPDATE runners SET datasets = $1, updated_at = $2 WHERE id = $3")
+            .bind(datasets_json(datasets)?)
+            .bind(now_ms())
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -543,6 +574,8 @@ mod tests {
             host_key: String::new(),
             created_at: now_ms(),
             updated_at: now_ms(),
+            datasets: Vec::new(),
+            dataset_credentials: String::new(),
         }
     }
 

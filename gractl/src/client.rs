@@ -142,6 +142,7 @@ impl Client {
         let request = CreateRunnerRequest {
             name: name.to_owned(),
             resources: Some(resources),
+            datasets: Vec::new(),
         };
         Ok(self
             .runners()

@@ -102,10 +102,8 @@ pub fn accept(
                 dataset.prefix
             ))));
         }
-        if !dataset.endpoint.is_empty()
-            && !(dataset.endpoint.starts_with("http://")
-                || dataset.endpoint.starts_with("https://"))
-        {
+        let url = |s: &str| s.starts_with("http://") || s.starts_with("https://");
+        if !(dataset.endpoint.is_empty() || url(&dataset.endpoint)) {
             return Err(Error::InvalidArgument(field(&format!(
                 "endpoint '{}': expected a URL like http://127.0.0.1:9000",
                 dataset.endpoint

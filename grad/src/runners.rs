@@ -144,6 +144,8 @@ pub fn validate_resources(requested: Resources, plan: Plan) -> Result<Resources>
 }
 
 impl Runners {
+    // The collaborators a server wires together once.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         backend: Arc<dyn Backend>,

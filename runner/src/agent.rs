@@ -8,8 +8,8 @@
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use grad_proto::{
-    AgentExecEvent, AgentMessage, ExecEvent, Heartbeat, Register, RunCode, TunnelFrame,
-    agent_command::Command, agent_message::Message, exec_event::Event,
+    AgentExecEvent, AgentMessage, DatasetsMounted, ExecEvent, Heartbeat, Register, RunCode,
+    TunnelFrame, agent_command::Command, agent_message::Message, exec_event::Event,
     runner_agent_client::RunnerAgentClient, tunnel::TunnelIo,
 };
 use tokio::{sync::mpsc, task::JoinSet};
@@ -22,6 +22,7 @@ use tonic::{
 };
 
 use crate::{
+    datasets::Mounts,
     kernel::{self, Sessions},
     ssh,
 };
@@ -60,6 +61,7 @@ struct Runner {
     auth: MetadataValue<Ascii>,
     sessions: Arc<Sessions>,
     ssh: Arc<ssh::Server>,
+    datasets: Arc<Mounts>,
     tunnels: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -103,12 +105,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .parse()
         .map_err(|_| Error::Token)?;
 
+    let datasets = Arc::new(Mounts::new(&config.workspace, &config.state_dir));
     let runner = Runner {
         config,
         endpoint,
         auth,
         sessions,
         ssh,
+        datasets,
         tunnels: TaskTracker::new(),
         shutdown,
     };
@@ -143,6 +147,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     };
     runner.tunnels.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), runner.tunnels.wait()).await;
+    runner.datasets.unmount_all().await;
     runner.sessions.shutdown().await;
     result
 }
@@ -238,6 +243,18 @@ impl Runner {
                         }
                         Some(Command::AuthorizedKeys(keys)) => {
                             self.ssh.set_authorized_keys(&keys.public_keys);
+                        }
+                        Some(Command::MountDatasets(mount)) => {
+                            let (datasets, out) = (self.datasets.clone(), out.clone());
+                            self.tunnels.spawn(async move {
+                                let statuses = datasets.apply(mount.datasets).await;
+                                let report = AgentMessage {
+                                    message: Some(Message::DatasetsMounted(DatasetsMounted {
+                                        datasets: statuses,
+                                    })),
+                                };
+                                let _ = out.send(report).await;
+                            });
                         }
                         Some(Command::Registered(_)) | None => {}
                     },

@@ -4,5 +4,6 @@
 //! grad end in. See ARCHITECTURE.md ("grad-runner").
 
 pub mod agent;
+pub mod datasets;
 pub mod kernel;
 pub mod ssh;

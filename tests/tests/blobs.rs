@@ -12,7 +12,7 @@ use std::{
 };
 
 use grad::blobs::{BlobStore, DirStore, Key, Presigned, S3Store, Sha256, s3};
-use grad_tests::{Grad, require, wait_until};
+use grad_tests::{Grad, S3Server};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -165,85 +165,12 @@ async fn the_embedded_store_keeps_nothing_of_a_body_with_another_digest() {
     assert!(partial.is_empty(), "a partial upload was left behind");
 }
 
-/// `s3s-fs` on a free loopback port, serving `root` with one bucket.
-struct S3Server {
-    child: Child,
-    endpoint: String,
-    _root: tempfile::TempDir,
-}
-
-const ACCESS_KEY: &str = "grad-test-access";
-const SECRET_KEY: &str = "grad-test-secret-key-0123456789";
-
-impl S3Server {
-    fn start(bucket: &str) -> Option<S3Server> {
-        let present = Command::new("s3s-fs")
-            .arg("--help")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !require(
-            "s3s-fs (cargo install s3s-fs --version 0.14.1 --features binary)",
-            present,
-        ) {
-            return None;
-        }
-        let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir(root.path().join(bucket)).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("s3s-fs")
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn s3s-fs");
-        wait_until("s3s-fs listens", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        Some(S3Server {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            _root: root,
-        })
-    }
-
-    async fn store(&self, bucket: &str, secret: &str) -> S3Store {
-        S3Store::new(&s3::Settings {
-            bucket: bucket.into(),
-            prefix: "grad/".into(),
-            endpoint: Some(self.endpoint.clone()),
-            region: Some("us-east-1".into()),
-            path_style: true,
-            credentials: Some(s3::Credentials {
-                access_key_id: ACCESS_KEY.into(),
-                secret_access_key: secret.into(),
-            }),
-        })
-        .await
-        .unwrap()
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn the_s3_store_presigns_urls_that_a_real_s3_server_honours() {
     let Some(server) = S3Server::start("grad-test") else {
         return;
     };
-    let store = server.store("grad-test", SECRET_KEY).await;
+    let store = s3_store(&server, "grad-test", S3Server::SECRET_KEY).await;
     let tmp = tempfile::tempdir().unwrap();
     let (path, bytes) = random_file(tmp.path(), "blob", 2 << 20);
     let sha = Sha256::of(&bytes);
@@ -292,10 +219,26 @@ async fn wrong_s3_credentials_give_a_clear_error() {
     let Some(server) = S3Server::start("grad-test") else {
         return;
     };
-    let store = server.store("grad-test", "not-the-secret").await;
+    let store = s3_store(&server, "grad-test", "not-the-secret").await;
     let err = store.list("").await.unwrap_err().to_string();
     assert!(
         err.contains("S3 listing of s3://grad-test/grad/") && err.contains("Signature"),
         "{err}"
     );
+}
+
+async fn s3_store(server: &S3Server, bucket: &str, secret: &str) -> S3Store {
+    S3Store::new(&s3::Settings {
+        bucket: bucket.into(),
+        prefix: "grad/".into(),
+        endpoint: Some(server.endpoint.clone()),
+        region: Some("us-east-1".into()),
+        path_style: true,
+        credentials: Some(s3::Credentials {
+            access_key_id: S3Server::ACCESS_KEY.into(),
+            secret_access_key: secret.into(),
+        }),
+    })
+    .await
+    .unwrap()
 }

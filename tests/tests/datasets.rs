@@ -1,0 +1,292 @@
+//! Datasets end to end: a parquet file uploaded to a real S3-compatible
+//! server (`s3s-fs`, by presigned PUT), a runner created with the bucket as a
+//! dataset, grad-runner mounting it read-only with the real `s3fs`, and DuckDB
+//! in the runner's Python reading it through the mount. Wrong credentials
+//! leave the runner up with s3fs's reason on its status; the mount comes back
+//! after pause and resume, and its keys file lives only while it is mounted.
+#![allow(clippy::unwrap_used)]
+
+use std::{os::unix::fs::PermissionsExt, path::Path, process::Command, time::Duration};
+
+use grad::blobs::{BlobStore, Key, S3Store, Sha256, s3};
+use grad_proto::{
+    CreateRunnerRequest, Dataset, GetRunnerRequest, Runner, RunnerState, S3Credentials,
+    runners_client::RunnersClient,
+};
+use grad_tests::{Grad, S3Server, python, python_has, require};
+use tonic::{Request, transport::Channel};
+
+const BUCKET: &str = "trips";
+
+fn prerequisites() -> bool {
+    let s3fs = Command::new("s3fs").arg("--version").output().is_ok();
+    require("s3fs (apt-get install s3fs)", s3fs)
+        && require("/dev/fuse (FUSE) for s3fs", Path::new("/dev/fuse").exists())
+        && require("DuckDB for the runner's Python", python_has("duckdb"))
+}
+
+fn dataset(server: &S3Server, name: &str, secret: &str) -> Dataset {
+    Dataset {
+        name: name.into(),
+        bucket: BUCKET.into(),
+        prefix: String::new(),
+        endpoint: server.endpoint.clone(),
+        region: "us-east-1".into(),
+        path_style: true,
+        credentials: Some(S3Credentials {
+            access_key_id: S3Server::ACCESS_KEY.into(),
+            secret_access_key: secret.into(),
+        }),
+    }
+}
+
+async fn runners(grad: &Grad) -> RunnersClient<Channel> {
+    let channel = Channel::from_shared(grad.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    RunnersClient::new(channel)
+}
+
+fn authorized<T>(grad: &Grad, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", grad.admin_token).parse().unwrap(),
+    );
+    request
+}
+
+/// Polls the runner until `done` holds for it (30 s at most).
+async fn wait_for(grad: &Grad, name: &str, what: &str, done: impl Fn(&Runner) -> bool) -> Runner {
+    let mut client = runners(grad).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let runner = client
+            .get_runner(authorized(grad, GetRunnerRequest { name: name.into() }))
+            .await
+            .unwrap()
+            .into_inner();
+        if done(&runner) {
+            return runner;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} never happened: {runner:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes a parquet file of 1000 rows with DuckDB and uploads it to the
+/// bucket through a presigned URL.
+async fn upload_parquet(server: &S3Server, dir: &Path) {
+    let file = dir.join("trips.parquet");
+    let made = Command::new(python())
+        .arg("-c")
+        .arg(format!(
+            "import duckdb; duckdb.sql(\"COPY (SELECT i AS id, i * 2 AS fare FROM range(1000) t(i)) TO '{}' (FORMAT parquet)\")",
+            file.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(made.success(), "writing parquet with DuckDB failed");
+    let bytes = std::fs::read(&file).unwrap();
+    let store = S3Store::new(&s3::Settings {
+        bucket: BUCKET.into(),
+        prefix: String::new(),
+        endpoint: Some(server.endpoint.clone()),
+        region: Some("us-east-1".into()),
+        path_style: true,
+        credentials: Some(s3::Credentials {
+            access_key_id: S3Server::ACCESS_KEY.into(),
+            secret_access_key: S3Server::SECRET_KEY.into(),
+        }),
+    })
+    .await
+    .unwrap();
+    let key = Key::new("trips.parquet").unwrap();
+    let put = store
+        .presign_put(&key, Sha256::of(&bytes), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut curl = Command::new("curl");
+    curl.args(["-sSf", "-X", "PUT", "--data-binary"])
+        .arg(format!("@{}", file.display()));
+    for (name, value) in &put.headers {
+        curl.arg("-H").arg(format!("{name}: {value}"));
+    }
+    assert!(
+        curl.arg(&put.url).status().unwrap().success(),
+        "upload failed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dataset_is_mounted_read_only_and_duckdb_reads_it() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    upload_parquet(&server, tmp.path()).await;
+    let grad = Grad::start();
+    let mut client = runners(&grad).await;
+    client
+        .create_runner(authorized(
+            &grad,
+            CreateRunnerRequest {
+                name: "r1".into(),
+                resources: None,
+                datasets: vec![dataset(&server, "taxi", S3Server::SECRET_KEY)],
+            },
+        ))
+        .await
+        .unwrap();
+    let runner = wait_for(&grad, "r1", "the dataset mount", |r| {
+        r.datasets
+            .first()
+            .is_some_and(|d| d.mounted || !d.error.is_empty())
+    })
+    .await;
+    let status = &runner.datasets[0];
+    assert!(status.mounted, "not mounted: {}", status.error);
+    assert_eq!(status.source, "s3://trips/");
+
+    let out = grad.run(&[
+        "execute-code",
+        "-r",
+        "r1",
+        "--code",
+        "import duckdb\nprint(duckdb.sql(\"SELECT count(*), sum(fare) FROM '../data/taxi/trips.parquet'\").fetchall())",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("[(1000, 999000)]"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Read-only.
+    let out = grad.run(&[
+        "execute-code",
+        "-r",
+        "r1",
+        "--code",
+        "open('../data/taxi/new.txt', 'w').write('x')",
+    ]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() && said.contains("Read-only file system"),
+        "{said}"
+    );
+    // The keys live in a 0600 file outside the workspace while mounted.
+    let passwd = grad.data_dir.join("runners/admin/r1/s3fs/taxi.passwd");
+    let mode = std::fs::metadata(&passwd).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Paused: unmounted, keys gone. Resumed: mounted again.
+    assert!(
+        grad.run(&["runner", "pause", "r1", "--wait"])
+            .status
+            .success()
+    );
+    assert!(!passwd.exists(), "the keys file outlived the mount");
+    assert!(
+        grad.run(&["runner", "resume", "r1", "--wait"])
+            .status
+            .success()
+    );
+    wait_for(&grad, "r1", "the mount after resume", |r| {
+        r.state == RunnerState::Ready as i32 && r.datasets.first().is_some_and(|d| d.mounted)
+    })
+    .await;
+    let out = grad.run(&[
+        "execute-code",
+        "-r",
+        "r1",
+        "--code",
+        "import os\nprint(sorted(os.listdir('../data/taxi')))",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("['trips.parquet']"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        grad.run(&["runner", "delete", "r1", "--wait"])
+            .status
+            .success()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_credentials_are_reported_on_the_runner_with_s3fs_reason() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let grad = Grad::start();
+    let mut client = runners(&grad).await;
+    client
+        .create_runner(authorized(
+            &grad,
+            CreateRunnerRequest {
+                name: "r2".into(),
+                resources: None,
+                datasets: vec![dataset(&server, "taxi", "wrong-secret")],
+            },
+        ))
+        .await
+        .unwrap();
+    let runner = wait_for(&grad, "r2", "the failed mount", |r| {
+        r.datasets
+            .first()
+            .is_some_and(|d| d.mounted || !d.error.is_empty())
+    })
+    .await;
+    let status = &runner.datasets[0];
+    assert!(!status.mounted);
+    assert!(
+        status.error.starts_with("s3fs exited")
+            && status.error.contains("invalid credentials")
+            && status.error.contains("SignatureDoesNotMatch"),
+        "{}",
+        status.error
+    );
+    // The runner itself is fine, and no keys file is left.
+    assert_eq!(runner.state, RunnerState::Ready as i32);
+    assert!(
+        !grad
+            .data_dir
+            .join("runners/admin/r2/s3fs/taxi.passwd")
+            .exists()
+    );
+    // A bad dataset is refused at creation, naming the field.
+    let mut bad = dataset(&server, "taxi", "x");
+    bad.bucket = "No_Such".into();
+    let err = client
+        .create_runner(authorized(
+            &grad,
+            CreateRunnerRequest {
+                name: "r3".into(),
+                resources: None,
+                datasets: vec![bad],
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("bucket 'No_Such'"),
+        "{}",
+        err.message()
+    );
+}

@@ -18,6 +18,7 @@ bench:
 	$(CARGO) build --release --workspace --bins
 	bash scripts/bench.sh
 	bash scripts/bench_sync.sh
+	bash scripts/bench_datasets.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -138,11 +138,12 @@ impl Client {
         &self,
         name: &str,
         resources: Resources,
+        datasets: Vec<grad_proto::Dataset>,
     ) -> Result<Runner, ClientError> {
         let request = CreateRunnerRequest {
             name: name.to_owned(),
             resources: Some(resources),
-            datasets: Vec::new(),
+            datasets,
         };
         Ok(self
             .runners()

@@ -59,7 +59,10 @@ pub enum ConfigError {
 
 /// Parses YAML into `T`, turning serde_yaml's "path: message at line L column C"
 /// into "FILE: line L: path: message".
-fn parse_yaml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<Option<T>, ConfigError> {
+pub(crate) fn parse_yaml<T: DeserializeOwned>(
+    text: &str,
+    path: &Path,
+) -> Result<Option<T>, ConfigError> {
     // An empty file, or one holding only comments, is an empty config.
     let has_content = text
         .lines()

@@ -13,6 +13,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dataset;
 pub mod exit;
 pub mod output;
 pub mod quantity;

@@ -70,6 +70,16 @@ pub struct Runner {
     pub connected: bool,
     /// RFC 3339.
     pub created: Option<String>,
+    pub datasets: Vec<DatasetStatus>,
+}
+
+/// A runner's dataset: mounted, or why not.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatasetStatus {
+    pub name: String,
+    pub source: String,
+    pub mounted: bool,
+    pub error: String,
 }
 
 impl From<&proto::Runner> for Runner {
@@ -88,6 +98,16 @@ impl From<&proto::Runner> for Runner {
             workspace: runner.workspace.clone(),
             connected: runner.connected,
             created: rfc3339(runner.create_time.as_ref()),
+            datasets: runner
+                .datasets
+                .iter()
+                .map(|d| DatasetStatus {
+                    name: d.name.clone(),
+                    source: d.source.clone(),
+                    mounted: d.mounted,
+                    error: d.error.clone(),
+                })
+                .collect(),
         }
     }
 }

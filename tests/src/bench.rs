@@ -66,7 +66,9 @@ async fn main() -> anyhow::Result<()> {
     let mut create = Vec::new();
     for _ in 0..starts {
         let t = Instant::now();
-        client.create_runner("bench", Resources::default()).await?;
+        client
+            .create_runner("bench", Resources::default(), Vec::new())
+            .await?;
         let r = client
             .wait_runner("bench", &[RunnerState::Ready], Duration::from_secs(30))
             .await?;
@@ -81,7 +83,9 @@ async fn main() -> anyhow::Result<()> {
             .wait_runner("bench", &[RunnerState::Deleted], Duration::from_secs(30))
             .await?;
     }
-    client.create_runner("bench", Resources::default()).await?;
+    client
+        .create_runner("bench", Resources::default(), Vec::new())
+        .await?;
     client
         .wait_runner("bench", &[RunnerState::Ready], Duration::from_secs(30))
         .await?;

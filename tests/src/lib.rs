@@ -183,7 +183,7 @@ impl Grad {
         let admin = grad.admin().await;
         for name in names {
             admin
-                .create_runner(name, grad_proto::Resources::default())
+                .create_runner(name, grad_proto::Resources::default(), Vec::new())
                 .await
                 .expect("create runner");
             let runner = admin

@@ -102,7 +102,7 @@ async fn a_user_never_sees_or_touches_another_users_runner() {
     let alice = grad.client(&grad.add_user("alice", &[])).await;
     let bob = grad.client(&grad.add_user("bob", &[])).await;
     alice
-        .create_runner("r1", Resources::default())
+        .create_runner("r1", Resources::default(), Vec::new())
         .await
         .unwrap();
     alice
@@ -131,7 +131,9 @@ async fn a_user_never_sees_or_touches_another_users_runner() {
         .unwrap();
     assert_eq!(out.code(), 4, "{}", out.stderr_str());
     // Bob may use the same name for his own runner.
-    bob.create_runner("r1", Resources::default()).await.unwrap();
+    bob.create_runner("r1", Resources::default(), Vec::new())
+        .await
+        .unwrap();
 
     // Alice's runner is untouched.
     let r = alice.get_runner("r1").await.unwrap();
@@ -160,10 +162,10 @@ async fn gpus_need_the_pro_plan() {
         gpus: 1,
         ..Default::default()
     };
-    let err = free.create_runner("g1", gpu).await.unwrap_err();
+    let err = free.create_runner("g1", gpu, Vec::new()).await.unwrap_err();
     assert_eq!(err.status().unwrap().code(), tonic::Code::PermissionDenied);
     assert!(err.to_string().contains("pro plan"), "{err}");
-    pro.create_runner("g1", gpu).await.unwrap();
+    pro.create_runner("g1", gpu, Vec::new()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -290,3 +290,106 @@ async fn wrong_credentials_are_reported_on_the_runner_with_s3fs_reason() {
         err.message()
     );
 }
+
+/// The user flow through gractl: `dataset add` writes the YAML (key
+/// variable names, not keys), `runner create --dataset` reads the keys from
+/// the environment, `runner get` shows the mount.
+#[tokio::test(flavor = "multi_thread")]
+async fn gractl_adds_a_dataset_and_creates_a_runner_with_it() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let grad = Grad::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let ws = tmp.path().join("ws");
+    let gractl = |args: &[&str]| {
+        let out = grad
+            .gractl(&grad.admin_token)
+            .arg("--workspace")
+            .arg(&ws)
+            .args(args)
+            .env("TAXI_AK", S3Server::ACCESS_KEY)
+            .env("TAXI_SK", S3Server::SECRET_KEY)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let init = grad
+        .gractl(&grad.admin_token)
+        .args(["workspace", "init"])
+        .arg(&ws)
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let (code, _, err) = gractl(&[
+        "dataset",
+        "add",
+        "taxi",
+        "--bucket",
+        BUCKET,
+        "--endpoint",
+        &server.endpoint,
+        "--region",
+        "us-east-1",
+        "--env-access-key-id",
+        "TAXI_AK",
+        "--env-secret-access-key",
+        "TAXI_SK",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let yaml = std::fs::read_to_string(ws.join("datasets/taxi.yaml")).unwrap();
+    assert!(yaml.contains("access_key_id: TAXI_AK"), "{yaml}");
+    assert!(
+        !yaml.contains(S3Server::SECRET_KEY),
+        "a key was written: {yaml}"
+    );
+    let (_, list, _) = gractl(&["dataset", "list"]);
+    assert!(
+        list.contains("taxi") && list.contains("s3://trips/") && list.contains("env"),
+        "{list}"
+    );
+
+    let (code, _, err) = gractl(&["runner", "create", "r1", "--dataset", "taxi", "--wait"]);
+    assert_eq!(code, Some(0), "{err}");
+    wait_for(&grad, "r1", "the dataset mount", |r| {
+        r.datasets.first().is_some_and(|d| d.mounted)
+    })
+    .await;
+    let (_, shown, _) = gractl(&["runner", "get", "r1"]);
+    assert!(
+        shown.contains("taxi: s3://trips/ mounted at data/taxi"),
+        "{shown}"
+    );
+
+    // An unknown dataset lists the known ones and creates nothing.
+    let (code, _, err) = gractl(&["runner", "create", "r2", "--dataset", "nope"]);
+    assert_eq!(code, Some(4), "{err}");
+    assert!(
+        err.contains("no dataset 'nope'") && err.contains("known: taxi"),
+        "{err}"
+    );
+    let (_, list, _) = gractl(&["runner", "list"]);
+    assert!(!list.contains("r2"), "{list}");
+    // A broken file names itself, the line and the field.
+    std::fs::write(
+        ws.join("datasets/bad.yaml"),
+        "name: bad\ns3:\n  bukket: x\n",
+    )
+    .unwrap();
+    let (code, _, err) = gractl(&["dataset", "show", "bad"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("bad.yaml: line 3: s3: unknown field `bukket`"),
+        "{err}"
+    );
+    let (code, _, _) = gractl(&["dataset", "remove", "taxi"]);
+    assert_eq!(code, Some(0));
+    assert!(!ws.join("datasets/taxi.yaml").exists());
+}

@@ -366,7 +366,7 @@ async fn a_missing_interpreter_is_reported_by_name() {
     let grad = Grad::start_with(&["--python", "python3.99-missing"]);
     let admin = grad.admin().await;
     admin
-        .create_runner("r1", Resources::default())
+        .create_runner("r1", Resources::default(), Vec::new())
         .await
         .unwrap();
     admin

@@ -24,7 +24,7 @@ fn res() -> Resources {
 async fn a_created_runner_becomes_ready_with_its_workspace_laid_out() {
     let grad = Grad::start();
     let admin = grad.admin().await;
-    let created = admin.create_runner("r1", res()).await.unwrap();
+    let created = admin.create_runner("r1", res(), Vec::new()).await.unwrap();
     assert_eq!(created.name, "r1");
     assert_eq!(created.owner, "admin");
     let ready = admin.wait_runner("r1", READY, WAIT).await.unwrap();
@@ -48,7 +48,7 @@ async fn a_created_runner_becomes_ready_with_its_workspace_laid_out() {
 async fn a_paused_runner_keeps_its_workspace_files_and_resumes() {
     let grad = Grad::start();
     let admin = grad.admin().await;
-    admin.create_runner("r1", res()).await.unwrap();
+    admin.create_runner("r1", res(), Vec::new()).await.unwrap();
     admin.wait_runner("r1", READY, WAIT).await.unwrap();
     let file = grad.workspace("admin", "r1").join("code/keep.txt");
     std::fs::write(&file, "still here").unwrap();
@@ -97,7 +97,7 @@ async fn a_paused_runner_keeps_its_workspace_files_and_resumes() {
 async fn pause_resume_delete_chain_without_waiting_works() {
     let grad = Grad::start();
     let admin = grad.admin().await;
-    admin.create_runner("r1", res()).await.unwrap();
+    admin.create_runner("r1", res(), Vec::new()).await.unwrap();
     admin.pause_runner("r1").await.unwrap();
     admin.resume_runner("r1").await.unwrap();
     admin.pause_runner("r1").await.unwrap();
@@ -111,7 +111,7 @@ async fn pause_resume_delete_chain_without_waiting_works() {
 async fn deleting_a_runner_removes_its_process_and_workspace() {
     let grad = Grad::start();
     let admin = grad.admin().await;
-    admin.create_runner("r1", res()).await.unwrap();
+    admin.create_runner("r1", res(), Vec::new()).await.unwrap();
     admin.wait_runner("r1", READY, WAIT).await.unwrap();
     let ws = grad.workspace("admin", "r1");
     std::fs::write(ws.join("outputs/result.csv"), "x\n1\n").unwrap();
@@ -131,7 +131,7 @@ async fn deleting_a_runner_removes_its_process_and_workspace() {
     let err = admin.get_runner("r1").await.unwrap_err();
     assert_eq!(err.status().unwrap().code(), tonic::Code::NotFound);
     // The name is free again.
-    admin.create_runner("r1", res()).await.unwrap();
+    admin.create_runner("r1", res(), Vec::new()).await.unwrap();
     admin.wait_runner("r1", READY, WAIT).await.unwrap();
 }
 
@@ -139,7 +139,7 @@ async fn deleting_a_runner_removes_its_process_and_workspace() {
 async fn a_killed_runner_process_is_noticed_within_seconds_and_can_be_resumed() {
     let grad = Grad::start();
     let admin = grad.admin().await;
-    admin.create_runner("r1", res()).await.unwrap();
+    admin.create_runner("r1", res(), Vec::new()).await.unwrap();
     admin.wait_runner("r1", READY, WAIT).await.unwrap();
     let pids = grad.runner_pids();
     assert_eq!(pids.len(), 1);
@@ -168,7 +168,7 @@ async fn a_killed_runner_process_is_noticed_within_seconds_and_can_be_resumed() 
 async fn a_runner_that_stops_heartbeating_is_marked_failed() {
     let grad = Grad::start_with(&["--heartbeat-interval", "100ms", "--heartbeat-timeout", "1s"]);
     let admin = grad.admin().await;
-    admin.create_runner("r1", res()).await.unwrap();
+    admin.create_runner("r1", res(), Vec::new()).await.unwrap();
     admin.wait_runner("r1", READY, WAIT).await.unwrap();
     let pid = grad.runner_pids()[0];
     signal(pid, libc::SIGSTOP);
@@ -194,7 +194,7 @@ async fn after_a_grad_restart_a_live_runner_reconnects_and_keeps_its_state() {
     let mut grad = Grad::start();
     {
         let admin = grad.admin().await;
-        admin.create_runner("r1", res()).await.unwrap();
+        admin.create_runner("r1", res(), Vec::new()).await.unwrap();
         admin.wait_runner("r1", READY, WAIT).await.unwrap();
     }
     let out = grad.run(&["execute-code", "-r", "r1", "--code", "x = 41"]);
@@ -229,7 +229,10 @@ async fn after_a_grad_restart_a_live_runner_reconnects_and_keeps_its_state() {
 async fn bad_runner_requests_are_refused_with_clear_messages() {
     let grad = Grad::start();
     let admin = grad.admin().await;
-    let err = admin.create_runner("R_1", res()).await.unwrap_err();
+    let err = admin
+        .create_runner("R_1", res(), Vec::new())
+        .await
+        .unwrap_err();
     let status = err.status().unwrap();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(
@@ -240,11 +243,17 @@ async fn bad_runner_requests_are_refused_with_clear_messages() {
 
     let mut huge = res();
     huge.memory_bytes = 1 << 45;
-    let err = admin.create_runner("r2", huge).await.unwrap_err();
+    let err = admin
+        .create_runner("r2", huge, Vec::new())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("512Gi"), "{err}");
 
-    admin.create_runner("r1", res()).await.unwrap();
-    let err = admin.create_runner("r1", res()).await.unwrap_err();
+    admin.create_runner("r1", res(), Vec::new()).await.unwrap();
+    let err = admin
+        .create_runner("r1", res(), Vec::new())
+        .await
+        .unwrap_err();
     assert_eq!(err.status().unwrap().code(), tonic::Code::AlreadyExists);
 
     let err = admin.get_runner("nope").await.unwrap_err();

@@ -216,7 +216,7 @@ async fn a_host_key_other_than_the_one_grad_recorded_is_refused() {
     let admin = grad.admin().await;
     for name in ["r1", "r2"] {
         admin
-            .create_runner(name, Resources::default())
+            .create_runner(name, Resources::default(), Vec::new())
             .await
             .unwrap();
         admin

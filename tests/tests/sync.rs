@@ -248,7 +248,7 @@ async fn pausing_a_runner_unmounts_it_and_a_new_runner_appears_on_the_next_sync(
 
     let admin = grad.admin().await;
     admin
-        .create_runner("r2", Resources::default())
+        .create_runner("r2", Resources::default(), Vec::new())
         .await
         .unwrap();
     admin

@@ -53,7 +53,7 @@ async fn a_user_cannot_open_a_tunnel_to_another_users_runner() {
     let bob_token = grad.add_user("bob", &[]);
     let alice = grad.client(&alice_token).await;
     alice
-        .create_runner("r1", Resources::default())
+        .create_runner("r1", Resources::default(), Vec::new())
         .await
         .unwrap();
     alice
@@ -78,7 +78,7 @@ async fn a_tunnel_needs_a_runner_name_and_a_ready_runner() {
     assert!(err.message().contains("runner"), "{err:?}");
 
     admin
-        .create_runner("r1", Resources::default())
+        .create_runner("r1", Resources::default(), Vec::new())
         .await
         .unwrap();
     admin.pause_runner("r1").await.unwrap();

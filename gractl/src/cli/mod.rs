@@ -2,6 +2,7 @@
 //! workspace config, login credentials), and one module per command group.
 
 mod cp;
+mod dataset;
 mod execute;
 mod execution;
 mod login;
@@ -87,6 +88,9 @@ pub enum Command {
     /// Set up a local workspace directory
     #[command(subcommand)]
     Workspace(WorkspaceCommand),
+    /// Describe S3 datasets for runners to mount (datasets/*.yaml)
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCommand),
     /// Print a shell completion script
     Completion {
         #[arg(value_enum)]
@@ -167,6 +171,7 @@ pub async fn run(cli: Cli, environment: Environment) -> anyhow::Result<()> {
         Command::SshConfig(args) => ssh::ssh_config(&context, args).await,
         Command::SshKey(command) => ssh::ssh_key(&context, command).await,
         Command::Workspace(command) => workspace::run(&context, command).await,
+        Command::Dataset(command) => dataset::run(&context, command).await,
         Command::Completion { shell } => {
             let mut out = io::stdout().lock();
             clap_complete::generate(shell, &mut Cli::command(), "gractl", &mut out);

@@ -61,6 +61,10 @@ pub struct CreateArgs {
     /// GPUs (pro plan) [default: 0]
     #[arg(long, value_name = "N")]
     gpus: Option<u32>,
+    /// Mount the workspace's dataset NAME (datasets/NAME.yaml) read-only at
+    /// data/NAME; repeatable
+    #[arg(long = "dataset", value_name = "NAME")]
+    datasets: Vec<String>,
     #[command(flatten)]
     wait: Wait,
 }
@@ -97,6 +101,26 @@ fn parse_timeout(text: &str) -> Result<Duration, QuantityError> {
 
 pub(super) async fn run(context: &Context, command: RunnerCommand) -> anyhow::Result<()> {
     let workspace = context.workspace()?;
+    // Datasets are read (and their keys resolved) before anything is sent.
+    let datasets = match &command {
+        RunnerCommand::Create(args) if !args.datasets.is_empty() => {
+            let Some(workspace) = &workspace else {
+                return Err(Failure::new(
+                    Code::Usage,
+                    "--dataset: datasets live in a workspace; run this inside one or pass \
+                     --workspace DIR",
+                )
+                .into());
+            };
+            let mut datasets = Vec::new();
+            for name in &args.datasets {
+                let (path, dataset) = super::dataset::find(&workspace.root, name)?;
+                datasets.push(dataset.to_proto(&path)?);
+            }
+            datasets
+        }
+        _ => Vec::new(),
+    };
     let client = context.connect(workspace.as_ref()).await?;
     match command {
         RunnerCommand::Create(args) => {
@@ -115,7 +139,9 @@ pub(super) async fn run(context: &Context, command: RunnerCommand) -> anyhow::Re
                     .bytes(),
                 gpus: args.gpus.or(defaults.gpus).unwrap_or(0),
             };
-            let runner = client.create_runner(&args.name, resources).await?;
+            let runner = client
+                .create_runner(&args.name, resources, datasets)
+                .await?;
             if args.wait.wait {
                 let runner = wait_ready(context, &client, &args.name, args.wait.timeout).await?;
                 print_changed(context, &runner, "ready")
@@ -313,6 +339,16 @@ fn print_runner(context: &Context, runner: &Runner) -> anyhow::Result<()> {
                 ),
                 ("created", created),
             ]);
+            for dataset in &runner.datasets {
+                let state = if dataset.mounted {
+                    format!("{} mounted at data/{}", dataset.source, dataset.name)
+                } else if dataset.error.is_empty() {
+                    format!("{} not mounted yet", dataset.source)
+                } else {
+                    format!("{} NOT MOUNTED: {}", dataset.source, dataset.error)
+                };
+                fields.push(("dataset", format!("{}: {state}", dataset.name)));
+            }
             output::write_fields(&mut out, &fields)?;
         }
         Format::Json | Format::Ndjson => output::write_json(&mut out, &shown)?,

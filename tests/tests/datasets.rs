@@ -58,6 +58,29 @@ fn authorized<T>(grad: &Grad, message: T) -> Request<T> {
     request
 }
 
+/// Creates runner `name` with `dataset` and waits until the runner has
+/// tried to mount it.
+async fn create_and_wait(grad: &Grad, name: &str, dataset: Dataset) -> Runner {
+    runners(grad)
+        .await
+        .create_runner(authorized(
+            grad,
+            CreateRunnerRequest {
+                name: name.into(),
+                resources: None,
+                datasets: vec![dataset],
+            },
+        ))
+        .await
+        .unwrap();
+    wait_for(grad, name, "the mount attempt", |r| {
+        r.datasets
+            .first()
+            .is_some_and(|d| d.mounted || !d.error.is_empty())
+    })
+    .await
+}
+
 /// Polls the runner until `done` holds for it (30 s at most).
 async fn wait_for(grad: &Grad, name: &str, what: &str, done: impl Fn(&Runner) -> bool) -> Runner {
     let mut client = runners(grad).await;
@@ -134,24 +157,7 @@ async fn a_dataset_is_mounted_read_only_and_duckdb_reads_it() {
     let tmp = tempfile::tempdir().unwrap();
     upload_parquet(&server, tmp.path()).await;
     let grad = Grad::start();
-    let mut client = runners(&grad).await;
-    client
-        .create_runner(authorized(
-            &grad,
-            CreateRunnerRequest {
-                name: "r1".into(),
-                resources: None,
-                datasets: vec![dataset(&server, "taxi", S3Server::SECRET_KEY)],
-            },
-        ))
-        .await
-        .unwrap();
-    let runner = wait_for(&grad, "r1", "the dataset mount", |r| {
-        r.datasets
-            .first()
-            .is_some_and(|d| d.mounted || !d.error.is_empty())
-    })
-    .await;
+    let runner = create_and_wait(&grad, "r1", dataset(&server, "taxi", S3Server::SECRET_KEY)).await;
     let status = &runner.datasets[0];
     assert!(status.mounted, "not mounted: {}", status.error);
     assert_eq!(status.source, "s3://trips/");
@@ -236,23 +242,7 @@ async fn wrong_credentials_are_reported_on_the_runner_with_s3fs_reason() {
     };
     let grad = Grad::start();
     let mut client = runners(&grad).await;
-    client
-        .create_runner(authorized(
-            &grad,
-            CreateRunnerRequest {
-                name: "r2".into(),
-                resources: None,
-                datasets: vec![dataset(&server, "taxi", "wrong-secret")],
-            },
-        ))
-        .await
-        .unwrap();
-    let runner = wait_for(&grad, "r2", "the failed mount", |r| {
-        r.datasets
-            .first()
-            .is_some_and(|d| d.mounted || !d.error.is_empty())
-    })
-    .await;
+    let runner = create_and_wait(&grad, "r2", dataset(&server, "taxi", "wrong-secret")).await;
     let status = &runner.datasets[0];
     assert!(!status.mounted);
     assert!(

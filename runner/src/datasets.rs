@@ -100,15 +100,21 @@ impl Mounts {
     }
 
     async fn mount(&self, dataset: Dataset) -> Result<Mounted, String> {
-        let mountpoint = self.data.join(&dataset.name);
-        std::fs::create_dir_all(&mountpoint)
-            .map_err(|e| format!("creating {}: {e}", mountpoint.display()))?;
+        std::fs::create_dir_all(&self.data)
+            .map_err(|e| format!("creating {}: {e}", self.data.display()))?;
         // As /proc/self/mountinfo will name it.
-        let mountpoint = mountpoint.canonicalize().unwrap_or(mountpoint);
-        // What a runner killed before it could unmount left behind.
+        let data = self
+            .data
+            .canonicalize()
+            .unwrap_or_else(|_| self.data.clone());
+        let mountpoint = data.join(&dataset.name);
+        // What a runner killed before it could unmount left behind (a dead
+        // mount fails even a stat, so this comes first).
         if is_mounted(&mountpoint) {
             fusermount_unmount(&mountpoint, true).await;
         }
+        std::fs::create_dir_all(&mountpoint)
+            .map_err(|e| format!("creating {}: {e}", mountpoint.display()))?;
         let passwd = match &dataset.credentials {
             Some(keys) => Some(
                 self.write_passwd(

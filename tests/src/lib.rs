@@ -272,9 +272,36 @@ impl Drop for Grad {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Runner processes outlive grad by design; the test's are ours to end.
+        // Runner processes outlive grad by design; the test's are ours to
+        // end: asked first, so they unmount their datasets, then killed.
+        for pid in self.runner_pids() {
+            signal(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !self.runner_pids().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         for pid in self.runner_pids() {
             signal(pid, libc::SIGKILL);
+        }
+        unmount_under(&self.data_dir);
+    }
+}
+
+/// Detaches every FUSE mount below `dir` (what a killed process left).
+fn unmount_under(dir: &Path) {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    for mountpoint in info.lines().filter_map(|line| line.split(' ').nth(4)) {
+        if Path::new(mountpoint).starts_with(&dir) {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(mountpoint)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }

@@ -225,11 +225,59 @@ async fn a_dataset_is_mounted_read_only_and_duckdb_reads_it() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+
+    // Killed outright, s3fs with it: the dead mount is cleared and the
+    // dataset mounted again when the runner is resumed.
+    for pid in processes_under(&grad.data_dir) {
+        grad_tests::signal(pid, libc::SIGKILL);
+    }
+    wait_for(&grad, "r1", "the runner's failure", |r| {
+        r.state == RunnerState::Failed as i32
+    })
+    .await;
+    assert!(
+        grad.run(&["runner", "resume", "r1", "--wait"])
+            .status
+            .success()
+    );
+    wait_for(&grad, "r1", "the mount after a kill", |r| {
+        r.state == RunnerState::Ready as i32 && r.datasets.first().is_some_and(|d| d.mounted)
+    })
+    .await;
+    let out = grad.run(&[
+        "execute-code",
+        "-r",
+        "r1",
+        "--code",
+        "import os\nprint(sorted(os.listdir('../data/taxi')))",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("['trips.parquet']"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(
         grad.run(&["runner", "delete", "r1", "--wait"])
             .status
             .success()
     );
+}
+
+/// The runners and s3fs processes working below `dir`.
+fn processes_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let cmdline = String::from_utf8_lossy(&c).into_owned();
+                let program = cmdline.split('\0').next().unwrap_or_default().to_owned();
+                (program.ends_with("grad-runner") || program.ends_with("s3fs"))
+                    && cmdline.contains(&needle)
+            })
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -126,6 +126,18 @@ pub struct Presigned {
     pub expires_at: SystemTime,
 }
 
+/// An upload in parts (S3 takes at most 5 GiB in one PUT): one presigned
+/// PUT per part, in order (part numbers start at 1), then
+/// [`BlobStore::complete_multipart`] with the ETag each PUT answered.
+#[derive(Debug, Clone)]
+pub struct Multipart {
+    pub upload_id: String,
+    pub parts: Vec<Presigned>,
+}
+
+/// S3's smallest part but the last one.
+pub const MIN_PART: u64 = 5 << 20;
+
 /// An object as a listing or a HEAD shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Object {
@@ -156,6 +168,39 @@ pub trait BlobStore: Send + Sync + 'static {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Object>>>;
     /// Removes `key`; a missing key is not an error.
     fn delete<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Result<()>>;
+    /// Starts an upload of `key` in parts whose bodies hash to `parts`
+    /// (each part but the last at least [`MIN_PART`] bytes). Stores that take
+    /// any size in one PUT refuse it.
+    fn begin_multipart<'a>(
+        &'a self,
+        key: &'a Key,
+        parts: &'a [Sha256],
+        expires_in: Duration,
+    ) -> BoxFuture<'a, Result<Multipart>> {
+        let _ = (parts, expires_in);
+        Box::pin(async move {
+            Err(Error::FailedPrecondition(format!(
+                "the {} blob store takes {key} in one PUT of any size: no parts needed",
+                self.kind()
+            )))
+        })
+    }
+    /// Joins the parts (their SHA-256s and the ETags their PUTs answered, in
+    /// order) into the object.
+    fn complete_multipart<'a>(
+        &'a self,
+        key: &'a Key,
+        upload_id: &'a str,
+        parts: &'a [(Sha256, String)],
+    ) -> BoxFuture<'a, Result<()>> {
+        let _ = (upload_id, parts);
+        Box::pin(async move {
+            Err(Error::FailedPrecondition(format!(
+                "the {} blob store has no upload in parts of {key}",
+                self.kind()
+            )))
+        })
+    }
 }
 
 fn check_expiry(expires_in: Duration) -> Result<()> {

@@ -13,10 +13,13 @@ use aws_sdk_s3::{
     Client,
     config::{BehaviorVersion, Region},
     presigning::{PresignedRequest, PresigningConfig},
+    types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart},
 };
 use base64::Engine;
 
-use super::{BlobStore, BoxFuture, Key, Method, Object, Presigned, Sha256, check_expiry};
+use super::{
+    BlobStore, BoxFuture, Key, Method, Multipart, Object, Presigned, Sha256, check_expiry,
+};
 use crate::error::{Error, Result};
 
 /// Where the objects live.
@@ -106,6 +109,10 @@ impl S3Store {
     }
 }
 
+fn base64(sha256: &Sha256) -> String {
+    base64::engine::general_purpose::STANDARD.encode(sha256.0)
+}
+
 fn presigning(expires_in: Duration) -> Result<PresigningConfig> {
     check_expiry(expires_in)?;
     PresigningConfig::expires_in(expires_in)
@@ -141,7 +148,7 @@ impl BlobStore for S3Store {
                 .put_object()
                 .bucket(&self.bucket)
                 .key(self.object_key(key))
-                .checksum_sha256(base64::engine::general_purpose::STANDARD.encode(sha256.0))
+                .checksum_sha256(base64(&sha256))
                 .presigned(presigning(expires_in)?)
                 .await
                 .map_err(|e| self.failed("presigning a PUT", key.as_str(), e))?;
@@ -235,6 +242,104 @@ impl BlobStore for S3Store {
                 .map_err(|e| {
                     self.failed(
                         "DELETE",
+                        key.as_str(),
+                        aws_sdk_s3::error::DisplayErrorContext(e),
+                    )
+                })
+        })
+    }
+
+    fn begin_multipart<'a>(
+        &'a self,
+        key: &'a Key,
+        parts: &'a [Sha256],
+        expires_in: Duration,
+    ) -> BoxFuture<'a, Result<Multipart>> {
+        Box::pin(async move {
+            if parts.is_empty() || parts.len() > 10_000 {
+                return Err(Error::InvalidArgument(format!(
+                    "an upload in parts has 1 to 10000 parts, not {}",
+                    parts.len()
+                )));
+            }
+            let config = presigning(expires_in)?;
+            let created = self
+                .client
+                .create_multipart_upload()
+                .bucket(&self.bucket)
+                .key(self.object_key(key))
+                .checksum_algorithm(ChecksumAlgorithm::Sha256)
+                .send()
+                .await
+                .map_err(|e| {
+                    self.failed(
+                        "starting an upload in parts",
+                        key.as_str(),
+                        aws_sdk_s3::error::DisplayErrorContext(e),
+                    )
+                })?;
+            let upload_id = created
+                .upload_id()
+                .ok_or_else(|| {
+                    self.failed("starting an upload in parts", key.as_str(), "no upload id")
+                })?
+                .to_owned();
+            let mut presigned_parts = Vec::with_capacity(parts.len());
+            for (index, sha256) in parts.iter().enumerate() {
+                let request = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(self.object_key(key))
+                    .upload_id(&upload_id)
+                    .part_number(index as i32 + 1)
+                    .checksum_sha256(base64(sha256))
+                    .presigned(config.clone())
+                    .await
+                    .map_err(|e| self.failed("presigning a part", key.as_str(), e))?;
+                presigned_parts.push(presigned(Method::Put, &request, expires_in));
+            }
+            Ok(Multipart {
+                upload_id,
+                parts: presigned_parts,
+            })
+        })
+    }
+
+    fn complete_multipart<'a>(
+        &'a self,
+        key: &'a Key,
+        upload_id: &'a str,
+        parts: &'a [(Sha256, String)],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let completed = parts
+                .iter()
+                .enumerate()
+                .map(|(index, (sha256, etag))| {
+                    CompletedPart::builder()
+                        .part_number(index as i32 + 1)
+                        .e_tag(etag)
+                        .checksum_sha256(base64(sha256))
+                        .build()
+                })
+                .collect();
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(self.object_key(key))
+                .upload_id(upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(completed))
+                        .build(),
+                )
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    self.failed(
+                        "completing an upload in parts",
                         key.as_str(),
                         aws_sdk_s3::error::DisplayErrorContext(e),
                     )

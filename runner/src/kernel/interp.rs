@@ -25,6 +25,8 @@ const _: () = assert!(DRIVER.len() < 120 * 1024);
 
 /// Most bytes read from fd 1 or fd 2 at once.
 const READ_SIZE: usize = 64 * 1024;
+/// How often an abandoned call is interrupted again while it settles.
+const REINTERRUPT: Duration = Duration::from_millis(300);
 /// Most reads of what a pipe already holds, so that a process writing without
 /// pause cannot hold us in one place.
 const DRAIN_READS: usize = 16;
@@ -375,7 +377,8 @@ impl Interp {
         }
     }
 
-    /// After an abandoned call: interrupts it and reads up to its `done`,
+    /// After an abandoned call: interrupts it (every [`REINTERRUPT`]) and
+    /// reads up to its `done`,
     /// discarding its output. False when the interpreter is unusable.
     pub(super) async fn settle(&mut self, grace: Duration) -> bool {
         let n = match self.phase {
@@ -384,17 +387,30 @@ impl Interp {
             Phase::Running(n) => n,
         };
         self.interrupt();
+        // Again every REINTERRUPT until the call is done: an interrupt that
+        // lands while the driver cannot take it (mid-write) is dropped, and
+        // a busy machine may be slow to act on the first. (From a task of
+        // its own, so that reading the replies is never cut short.)
+        let pgid = self.pgid;
+        let repeat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REINTERRUPT).await;
+                signal_group(pgid, libc::SIGINT);
+            }
+        });
         let deadline = Instant::now() + grace;
-        loop {
+        let settled = loop {
             match tokio::time::timeout_at(deadline, self.next()).await {
                 Ok(Ok(Incoming::Reply(Reply::Done { n: done, .. }))) if done == n => {
                     self.phase = Phase::Idle;
-                    return true;
+                    break true;
                 }
-                Ok(Ok(Incoming::Closed) | Err(_)) | Err(_) => return false,
+                Ok(Ok(Incoming::Closed) | Err(_)) | Err(_) => break false,
                 Ok(Ok(_)) => {}
             }
-        }
+        };
+        repeat.abort();
+        settled
     }
 
     fn mark_dead(&self) {

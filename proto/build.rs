@@ -11,6 +11,7 @@ const FILES: &[&str] = &[
     "proto/grad/v1/users.proto",
     "proto/grad/v1/agent.proto",
     "proto/grad/v1/tunnel.proto",
+    "proto/grad/v1/outputs.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -5,10 +5,12 @@
 use std::{error::Error as _, io, sync::Arc, time::Duration};
 
 use grad_proto::{
-    AddSshKeyRequest, CreateRunnerRequest, DeleteRunnerRequest, DeleteSshKeyRequest, ExecEvent,
-    ExecuteCodeRequest, Execution, GetRunnerRequest, ListExecutionsRequest, ListRunnersRequest,
-    ListSshKeysRequest, PauseRunnerRequest, Resources, ResumeRunnerRequest, Runner, RunnerState,
-    SshKey, TunnelFrame, User, WaitRunnerRequest, WhoAmIRequest, exec_client::ExecClient,
+    AddSshKeyRequest, CollectOutputsRequest, CreateRunnerRequest, DeleteOutputsRequest,
+    DeleteRunnerRequest, DeleteSshKeyRequest, ExecEvent, ExecuteCodeRequest, Execution,
+    GetOutputsRequest, GetRunnerRequest, ListExecutionsRequest, ListOutputsRequest,
+    ListRunnersRequest, ListSshKeysRequest, OutputSet, PauseRunnerRequest, Resources,
+    ResumeRunnerRequest, Runner, RunnerState, SshKey, TunnelFrame, User, WaitRunnerRequest,
+    WhoAmIRequest, exec_client::ExecClient, outputs_client::OutputsClient,
     runners_client::RunnersClient, tunnel::TunnelIo, tunnels_client::TunnelsClient,
     users_client::UsersClient,
 };
@@ -170,9 +172,15 @@ impl Client {
         Ok(response.into_inner().runners)
     }
 
-    pub async fn pause_runner(&self, name: &str) -> Result<Runner, ClientError> {
+    /// Pauses the runner; grad collects its outputs first unless `skip_outputs`.
+    pub async fn pause_runner(
+        &self,
+        name: &str,
+        skip_outputs: bool,
+    ) -> Result<Runner, ClientError> {
         let request = PauseRunnerRequest {
             name: name.to_owned(),
+            skip_outputs,
         };
         Ok(self
             .runners()
@@ -192,9 +200,15 @@ impl Client {
             .into_inner())
     }
 
-    pub async fn delete_runner(&self, name: &str) -> Result<Runner, ClientError> {
+    /// Deletes the runner; grad collects its outputs first unless `skip_outputs`.
+    pub async fn delete_runner(
+        &self,
+        name: &str,
+        skip_outputs: bool,
+    ) -> Result<Runner, ClientError> {
         let request = DeleteRunnerRequest {
             name: name.to_owned(),
+            skip_outputs,
         };
         Ok(self
             .runners()
@@ -254,6 +268,55 @@ impl Client {
         };
         let response = self.exec().list_executions(self.request(request)).await?;
         Ok(response.into_inner().executions)
+    }
+
+    /// Has the runner upload what changed in its outputs/ now.
+    pub async fn collect_outputs(&self, runner: &str) -> Result<OutputSet, ClientError> {
+        let request = CollectOutputsRequest {
+            runner: runner.to_owned(),
+        };
+        Ok(self
+            .outputs()
+            .collect_outputs(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    /// A runner's last collected outputs (a deleted runner's too), with
+    /// download URLs when asked.
+    pub async fn get_outputs(
+        &self,
+        runner: &str,
+        download_urls: bool,
+    ) -> Result<OutputSet, ClientError> {
+        let request = GetOutputsRequest {
+            runner: runner.to_owned(),
+            download_urls,
+        };
+        Ok(self
+            .outputs()
+            .get_outputs(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    /// A summary of each runner's collected outputs.
+    pub async fn list_outputs(&self, all_users: bool) -> Result<Vec<OutputSet>, ClientError> {
+        let request = ListOutputsRequest { all_users };
+        let response = self.outputs().list_outputs(self.request(request)).await?;
+        Ok(response.into_inner().outputs)
+    }
+
+    /// Removes a deleted runner's outputs.
+    pub async fn delete_outputs(&self, runner: &str) -> Result<OutputSet, ClientError> {
+        let request = DeleteOutputsRequest {
+            runner: runner.to_owned(),
+        };
+        Ok(self
+            .outputs()
+            .delete_outputs(self.request(request))
+            .await?
+            .into_inner())
     }
 
     /// Who the token says the caller is.
@@ -335,6 +398,11 @@ impl Client {
 
     fn users(&self) -> UsersClient<Channel> {
         UsersClient::new(self.channel.clone())
+    }
+
+    fn outputs(&self) -> OutputsClient<Channel> {
+        // A set of many files, each with a URL, can exceed 4 MiB.
+        OutputsClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     fn exec(&self) -> ExecClient<Channel> {

@@ -3,7 +3,7 @@
 
 use std::{io, process::ExitCode};
 
-use crate::{client::ClientError, config::ConfigError, output::Format, ssh, transfer};
+use crate::{client::ClientError, config::ConfigError, output::Format, outputs, ssh, transfer};
 
 /// Shown under `gractl --help`; keep it in step with [`Code`].
 pub const HELP: &str = "\
@@ -139,6 +139,15 @@ impl Code {
         }
     }
 
+    pub fn from_outputs_error(error: &outputs::Error) -> Code {
+        use outputs::Error as E;
+        match error {
+            E::Symlink(_) | E::NotADirectory(_) => Code::Precondition,
+            E::Download { .. } => Code::Unavailable,
+            E::UnsafePath(_) | E::Local { .. } | E::NoUrl(_) => Code::Internal,
+        }
+    }
+
     /// The class of any error a command returns: the first error in the chain
     /// that knows its class wins; anything else is internal.
     pub fn of(error: &anyhow::Error) -> Code {
@@ -157,6 +166,9 @@ impl Code {
             }
             if let Some(error) = cause.downcast_ref::<transfer::Error>() {
                 return Code::from_transfer_error(error);
+            }
+            if let Some(error) = cause.downcast_ref::<outputs::Error>() {
+                return Code::from_outputs_error(error);
             }
             if let Some(status) = cause.downcast_ref::<tonic::Status>() {
                 return Code::from_status(status.code());

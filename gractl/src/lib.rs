@@ -5,7 +5,9 @@
 //! [`client`] (one gRPC connection to grad), [`config`] (login credentials and
 //! workspace `config.yaml`), [`quantity`] (CPU, sizes, durations as typed),
 //! [`ssh`] (SSH and SFTP to runners through grad's tunnels, gractl's key,
-//! OpenSSH config), [`sync`] (runners' workspaces mounted locally), [`transfer`] (`gractl cp` over SFTP), [`terminal`] (raw
+//! OpenSSH config), [`sync`] (runners' workspaces mounted locally), [`transfer`]
+//! (`gractl cp` over SFTP), [`outputs`] (runners' collected outputs pulled by
+//! presigned URL), [`terminal`] (raw
 //! mode for interactive shells), [`output`] (the JSON contract and human
 //! tables), [`exit`] (exit codes) and [`cli`] (the commands). `main.rs` only
 //! parses, runs and reports.
@@ -16,6 +18,7 @@ pub mod config;
 pub mod dataset;
 pub mod exit;
 pub mod output;
+pub mod outputs;
 pub mod quantity;
 pub mod ssh;
 pub mod sync;

@@ -293,6 +293,91 @@ pub struct Copied {
     pub skipped: Vec<String>,
 }
 
+/// One file of a runner's collected outputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutputFile {
+    /// Relative to the runner's outputs/.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    pub modified: Option<String>,
+}
+
+/// A runner's collected outputs: `outputs collect`, `outputs list RUNNER`
+/// (with `files`), `outputs list` (one per runner, without) and `outputs rm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Outputs {
+    pub runner: String,
+    /// Tells a deleted runner from a later one of the same name.
+    pub runner_id: String,
+    pub owner: String,
+    /// The runner was deleted; these are its last outputs.
+    pub runner_deleted: bool,
+    /// When they were last collected; null if never.
+    pub collected: Option<String>,
+    pub file_count: u32,
+    pub total_bytes: u64,
+    /// What the collection left out (symbolic links, special files), with why.
+    pub skipped: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<OutputFile>>,
+    /// `outputs collect` only: what this collection uploaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploaded_files: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploaded_bytes: Option<u64>,
+}
+
+impl Outputs {
+    pub fn new(set: &proto::OutputSet, with_files: bool) -> Outputs {
+        Outputs {
+            runner: set.runner.clone(),
+            runner_id: set.runner_id.clone(),
+            owner: set.owner.clone(),
+            runner_deleted: set.runner_deleted,
+            collected: rfc3339(set.collect_time.as_ref()),
+            file_count: set.file_count,
+            total_bytes: set.total_bytes,
+            skipped: set.skipped.clone(),
+            files: with_files.then(|| {
+                set.files
+                    .iter()
+                    .map(|f| OutputFile {
+                        path: f.path.clone(),
+                        size: f.size,
+                        sha256: f.sha256.clone(),
+                        modified: rfc3339(f.modify_time.as_ref()),
+                    })
+                    .collect()
+            }),
+            uploaded_files: None,
+            uploaded_bytes: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutputsList {
+    pub outputs: Vec<Outputs>,
+}
+
+/// `-o json` for `gractl outputs pull`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pulled {
+    pub runner: String,
+    pub runner_id: String,
+    /// The local directory the files went to.
+    pub dir: String,
+    /// Whether the runner collected its outputs for this pull (else they
+    /// are as last collected: the runner is paused, failed or deleted).
+    pub collected_now: bool,
+    pub collected: Option<String>,
+    pub downloaded: Vec<String>,
+    pub downloaded_bytes: u64,
+    /// Files whose local copy already had the content.
+    pub unchanged: Vec<String>,
+}
+
 /// `-o json` for `gractl ssh-config`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SshConfig {

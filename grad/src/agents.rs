@@ -10,8 +10,8 @@ use std::{
     },
 };
 
-use grad_proto::{AgentCommand, ExecEvent};
-use tokio::sync::mpsc;
+use grad_proto::{AgentCommand, ExecEvent, OutputsCollected};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::{lock, store::now_ms};
@@ -23,6 +23,7 @@ pub struct Agent {
     pub closed: CancellationToken,
     last_seen: AtomicI64,
     pending: Mutex<HashMap<String, mpsc::Sender<ExecEvent>>>,
+    collections: Mutex<HashMap<String, oneshot::Sender<OutputsCollected>>>,
 }
 
 impl Agent {
@@ -50,9 +51,29 @@ impl Agent {
         lock(&self.pending).get(request_id).cloned()
     }
 
-    /// Ends every pending execution's event channel (the agent went away).
+    /// Starts waiting for the end of output collection `request_id`; the
+    /// receiver fails if the agent goes away first.
+    pub fn expect_collection(&self, request_id: &str) -> oneshot::Receiver<OutputsCollected> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.collections).insert(request_id.to_string(), tx);
+        rx
+    }
+
+    pub fn collected(&self, report: OutputsCollected) {
+        if let Some(waiter) = lock(&self.collections).remove(&report.request_id) {
+            let _ = waiter.send(report);
+        }
+    }
+
+    pub fn forget_collection(&self, request_id: &str) {
+        lock(&self.collections).remove(request_id);
+    }
+
+    /// Ends every pending execution's event channel and collection (the
+    /// agent went away).
     fn drop_pending(&self) {
         lock(&self.pending).clear();
+        lock(&self.collections).clear();
     }
 }
 
@@ -74,6 +95,7 @@ impl Agents {
             closed: CancellationToken::new(),
             last_seen: AtomicI64::new(now_ms()),
             pending: Mutex::new(HashMap::new()),
+            collections: Mutex::new(HashMap::new()),
         });
         let old = lock(&self.connected).insert(runner_id.to_string(), agent.clone());
         lock(&self.disconnected_at).remove(runner_id);

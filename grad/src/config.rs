@@ -108,6 +108,36 @@ pub struct Blobs {
     /// servers need.
     #[arg(long, env = "GRAD_S3_PATH_STYLE")]
     pub s3_path_style: bool,
+    /// Objects at least this large (bytes; Ki, Mi, Gi suffixes) go to S3 in
+    /// parts, several at once; S3 takes at most 5Gi in one PUT.
+    #[arg(long, env = "GRAD_S3_MULTIPART_THRESHOLD", default_value = "1Gi", value_parser = parse_bytes)]
+    pub s3_multipart_threshold: u64,
+}
+
+/// A byte count: a number with an optional Ki, Mi or Gi suffix, 5Mi to 5Gi.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, ""),
+    };
+    let scale: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return Err(format!("'{text}': expected bytes like 64Mi or 1Gi")),
+    };
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("'{text}': expected bytes like 64Mi or 1Gi"))?;
+    if !(5 << 20..=5 << 30).contains(&bytes) {
+        return Err(format!(
+            "'{text}': must be between 5Mi and 5Gi (S3's part sizes)"
+        ));
+    }
+    Ok(bytes)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

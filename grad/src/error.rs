@@ -41,6 +41,22 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The same error with `more` after its message. Internal errors stay
+    /// as they are: their text is not the client's to read.
+    pub fn explained(self, more: &str) -> Error {
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(m + more),
+            Error::NotFound(m) => Error::NotFound(m + more),
+            Error::AlreadyExists(m) => Error::AlreadyExists(m + more),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(m + more),
+            Error::PermissionDenied(m) => Error::PermissionDenied(m + more),
+            Error::Unauthenticated(m) => Error::Unauthenticated(m + more),
+            Error::Unavailable(m) => Error::Unavailable(m + more),
+            Error::DeadlineExceeded(m) => Error::DeadlineExceeded(m + more),
+            internal => internal,
+        }
+    }
+
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let context = context.into();
         move |source| Error::Io { context, source }

@@ -13,7 +13,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use grad_proto::{AgentCommand, AuthorizedKeys, agent_command};
+use grad_proto::{AgentCommand, AuthorizedKeys, CollectOutputs, OutputsCollected, agent_command};
 
 use crate::{
     agents::{Agent, Agents},
@@ -57,6 +57,9 @@ const MAX_NAME: usize = 40;
 
 /// How long execute-code and tunnels wait for a runner that is still starting.
 const WAIT_FOR_READY: Duration = Duration::from_secs(30);
+
+/// How long grad waits for a runner to upload its outputs.
+const COLLECT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// The outcome of waiting for a runner.
 pub enum Waited {
@@ -311,26 +314,36 @@ impl Runners {
     /// runner as `OWNER/NAME`. Anyone else's runner is "not found", never
     /// "forbidden", so existence does not leak.
     pub async fn resolve(&self, caller: &UserCaller, name: &str) -> Result<store::Runner> {
-        let not_found = || Error::NotFound(format!("runner '{name}' not found"));
+        let (owner_id, short) = self.owner_of(caller, name).await?;
+        self.store
+            .runner_by_name(&owner_id, short)
+            .await?
+            .ok_or_else(|| not_found(name))
+    }
+
+    /// Whose runners `name` is among, and its name there: the caller's,
+    /// or for admins `OWNER/NAME`'s.
+    pub async fn owner_of<'n>(
+        &self,
+        caller: &UserCaller,
+        name: &'n str,
+    ) -> Result<(String, &'n str)> {
         let (owner_id, short) = match name.split_once('/') {
             Some((owner, short)) if caller.is_admin() => {
                 let owner = self
                     .store
                     .user_by_name(owner)
                     .await?
-                    .ok_or_else(not_found)?;
+                    .ok_or_else(|| not_found(name))?;
                 (owner.id, short)
             }
-            Some(_) => return Err(not_found()),
+            Some(_) => return Err(not_found(name)),
             None => (caller.id.clone(), name),
         };
         if short.is_empty() {
             return Err(Error::InvalidArgument("runner name is empty".into()));
         }
-        self.store
-            .runner_by_name(&owner_id, short)
-            .await?
-            .ok_or_else(not_found)
+        Ok((owner_id, short))
     }
 
     pub async fn create(
@@ -391,7 +404,13 @@ impl Runners {
         self.store.list_runners(owner).await
     }
 
-    pub async fn pause(self: &Arc<Self>, caller: &UserCaller, name: &str) -> Result<store::Runner> {
+    /// Pauses the runner, collecting its outputs first unless `skip_outputs`.
+    pub async fn pause(
+        self: &Arc<Self>,
+        caller: &UserCaller,
+        name: &str,
+        skip_outputs: bool,
+    ) -> Result<store::Runner> {
         let decide = |r: &store::Runner| match r.state {
             State::Paused | State::Pausing => Ok(None),
             State::Deleting => Err(deleting(name)),
@@ -399,7 +418,8 @@ impl Runners {
                 Ok(Some(State::Pausing))
             }
         };
-        self.transition(caller, name, decide, |this, id| async move {
+        let collect = (!skip_outputs).then_some("pause");
+        self.transition(caller, name, decide, collect, |this, id| async move {
             this.stop(&id).await
         })
         .await
@@ -419,33 +439,88 @@ impl Runners {
                 "runner {name} is pausing; resume it once it is paused"
             ))),
         };
-        self.transition(caller, name, decide, |this, id| async move {
+        self.transition(caller, name, decide, None, |this, id| async move {
             this.start(&id).await
         })
         .await
     }
 
+    /// Deletes the runner, collecting its outputs first unless `skip_outputs`.
     pub async fn delete(
         self: &Arc<Self>,
         caller: &UserCaller,
         name: &str,
+        skip_outputs: bool,
     ) -> Result<store::Runner> {
         // Deleting again retries a delete that failed half-way.
         let decide = |_: &store::Runner| Ok(Some(State::Deleting));
-        self.transition(caller, name, decide, |this, id| async move {
+        let collect = (!skip_outputs).then_some("delete");
+        self.transition(caller, name, decide, collect, |this, id| async move {
             this.remove(&id).await
         })
         .await
     }
 
+    /// Has the runner's agent upload what changed in its outputs/ (see
+    /// `crate::outputs`) and waits for it to finish.
+    pub async fn collect_outputs(
+        &self,
+        runner: &store::Runner,
+        agent: &Agent,
+    ) -> Result<OutputsCollected> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let done = agent.expect_collection(&request_id);
+        let command = AgentCommand {
+            command: Some(agent_command::Command::CollectOutputs(CollectOutputs {
+                request_id: request_id.clone(),
+            })),
+        };
+        let gone = || {
+            Error::Unavailable(format!(
+                "runner {} disconnected while collecting its outputs",
+                runner.name
+            ))
+        };
+        if agent.commands.send(command).await.is_err() {
+            agent.forget_collection(&request_id);
+            return Err(gone());
+        }
+        let report = match tokio::time::timeout(COLLECT_TIMEOUT, done).await {
+            Ok(Ok(report)) => report,
+            Ok(Err(_)) => return Err(gone()),
+            Err(_) => {
+                agent.forget_collection(&request_id);
+                return Err(Error::DeadlineExceeded(format!(
+                    "runner {} did not finish collecting its outputs within {}",
+                    runner.name,
+                    humantime::format_duration(COLLECT_TIMEOUT)
+                )));
+            }
+        };
+        if !report.error.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "collecting the outputs of runner {}: {}",
+                runner.name, report.error
+            )));
+        }
+        tracing::info!(
+            runner = %runner.name, files = report.uploaded_files, bytes = report.uploaded_bytes,
+            "outputs collected"
+        );
+        Ok(report)
+    }
+
     /// The shape of every lifecycle RPC: under the runner's lock, `decide`
     /// from its current state what to move to (`None`: nothing to do),
-    /// record that state, and hand the lock to a task that does `work`.
+    /// collect a ready runner's outputs when the transition is `collect`
+    /// (named by its verb; a failure changes nothing), record the state, and
+    /// hand the lock to a task that does `work`.
     async fn transition<D, F, Fut>(
         self: &Arc<Self>,
         caller: &UserCaller,
         name: &str,
         decide: D,
+        collect: Option<&str>,
         work: F,
     ) -> Result<store::Runner>
     where
@@ -463,6 +538,17 @@ impl Runners {
         let Some(next) = decide(&runner)? else {
             return Ok(runner);
         };
+        if let Some(verb) = collect
+            && runner.state == State::Ready
+            && let Some(agent) = self.agents.get(&runner.id)
+        {
+            self.collect_outputs(&runner, &agent).await.map_err(|e| {
+                e.explained(&format!(
+                    "; the runner was left as it was: try again, or \
+                     `gractl runner {verb} {name} --skip-outputs` to {verb} it without collecting"
+                ))
+            })?;
+        }
         if runner.state != next {
             self.store.set_runner_state(&runner.id, next, "").await?;
             runner.state = next;
@@ -822,6 +908,10 @@ impl Runners {
         }
         Ok(())
     }
+}
+
+fn not_found(name: &str) -> Error {
+    Error::NotFound(format!("runner '{name}' not found"))
 }
 
 fn deleting(name: &str) -> Error {

@@ -11,8 +11,9 @@ use std::{
 
 use axum::{http::StatusCode, routing::get};
 use grad_proto::{
-    FILE_DESCRIPTOR_SET, exec_server::ExecServer, runner_agent_server::RunnerAgentServer,
-    runners_server::RunnersServer, tunnels_server::TunnelsServer, users_server::UsersServer,
+    FILE_DESCRIPTOR_SET, exec_server::ExecServer, outputs_server::OutputsServer,
+    runner_agent_server::RunnerAgentServer, runners_server::RunnersServer,
+    tunnels_server::TunnelsServer, users_server::UsersServer,
 };
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -26,6 +27,7 @@ use crate::{
     blobs::{BlobStore, DirStore, S3Store, s3},
     config::{BlobStoreKind, Config},
     error::{Error, Result},
+    outputs::Outputs,
     runners::{Runners, Timing},
     sealed::Sealer,
     store::{Plan, Role, Store},
@@ -185,16 +187,24 @@ pub async fn serve(
     health.set_serving::<ExecServer<Api>>().await;
     health.set_serving::<UsersServer<Api>>().await;
     health.set_serving::<TunnelsServer<Api>>().await;
+    health.set_serving::<OutputsServer<Api>>().await;
     health.set_serving::<RunnerAgentServer<Api>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::FailedPrecondition(format!("gRPC reflection: {e}")))?;
 
+    let outputs = Outputs::new(
+        store.clone(),
+        blobs.clone(),
+        runners.clone(),
+        config.blobs.s3_multipart_threshold,
+    );
     let api = Api {
         runners: runners.clone(),
         tunnels: Arc::new(Tunnels::default()),
         blobs,
+        outputs,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     };
@@ -204,6 +214,7 @@ pub async fn serve(
         .add_service(ExecServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(UsersServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(TunnelsServer::with_interceptor(api.clone(), auth.clone()))
+        .add_service(OutputsServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             RunnerAgentServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
             auth.clone(),
@@ -238,6 +249,7 @@ pub async fn serve(
             health.set_not_serving::<ExecServer<Api>>().await;
             health.set_not_serving::<UsersServer<Api>>().await;
             health.set_not_serving::<TunnelsServer<Api>>().await;
+            health.set_not_serving::<OutputsServer<Api>>().await;
             health.set_not_serving::<RunnerAgentServer<Api>>().await;
             agents.close_all();
         }

@@ -8,9 +8,9 @@
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use grad_proto::{
-    AgentExecEvent, AgentMessage, DatasetsMounted, ExecEvent, Heartbeat, Register, RunCode,
-    TunnelFrame, agent_command::Command, agent_message::Message, exec_event::Event,
-    runner_agent_client::RunnerAgentClient, tunnel::TunnelIo,
+    AgentExecEvent, AgentMessage, DatasetsMounted, ExecEvent, Heartbeat, OutputsCollected,
+    Register, RunCode, TunnelFrame, agent_command::Command, agent_message::Message,
+    exec_event::Event, runner_agent_client::RunnerAgentClient, tunnel::TunnelIo,
 };
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +24,7 @@ use tonic::{
 use crate::{
     datasets::Mounts,
     kernel::{self, Sessions},
+    outputs::Collector,
     ssh,
 };
 
@@ -52,6 +53,8 @@ pub enum Error {
     Token,
     #[error("ssh server: {0}")]
     Ssh(#[from] ssh::Error),
+    #[error("outputs: {0}")]
+    Outputs(#[from] grad_transfer::Error),
 }
 
 /// What every connection to grad shares.
@@ -62,6 +65,7 @@ struct Runner {
     sessions: Arc<Sessions>,
     ssh: Arc<ssh::Server>,
     datasets: Arc<Mounts>,
+    outputs: Arc<Collector>,
     tunnels: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -106,6 +110,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .map_err(|_| Error::Token)?;
 
     let datasets = Arc::new(Mounts::new(&config.workspace, &config.state_dir));
+    let outputs = Arc::new(Collector::new(&config.workspace, &config.state_dir)?);
     let runner = Runner {
         config,
         endpoint,
@@ -113,6 +118,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         sessions,
         ssh,
         datasets,
+        outputs,
         tunnels: TaskTracker::new(),
         shutdown,
     };
@@ -254,6 +260,28 @@ impl Runner {
                                     })),
                                 };
                                 let _ = out.send(report).await;
+                            });
+                        }
+                        Some(Command::CollectOutputs(collect)) => {
+                            let (outputs, out) = (self.outputs.clone(), out.clone());
+                            let (channel, auth) = (channel.clone(), self.auth.clone());
+                            self.tunnels.spawn(async move {
+                                let (report, error) = match outputs.collect(channel, auth).await {
+                                    Ok(report) => (report, String::new()),
+                                    Err(error) => {
+                                        tracing::warn!(%error, "collecting outputs");
+                                        (Default::default(), error)
+                                    }
+                                };
+                                let done = AgentMessage {
+                                    message: Some(Message::OutputsCollected(OutputsCollected {
+                                        request_id: collect.request_id,
+                                        error,
+                                        uploaded_files: report.uploaded_files,
+                                        uploaded_bytes: report.uploaded_bytes,
+                                    })),
+                                };
+                                let _ = out.send(done).await;
                             });
                         }
                         Some(Command::Registered(_)) | None => {}

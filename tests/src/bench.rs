@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
             "runner failed: {}",
             r.reason
         );
-        client.delete_runner("bench").await?;
+        client.delete_runner("bench", false).await?;
         client
             .wait_runner("bench", &[RunnerState::Deleted], Duration::from_secs(30))
             .await?;

@@ -114,9 +114,9 @@ async fn a_user_never_sees_or_touches_another_users_runner() {
     // Exactly what a runner that does not exist gets: nothing leaks.
     for (name, err) in [
         ("r1", bob.get_runner("r1").await.unwrap_err()),
-        ("r1", bob.pause_runner("r1").await.unwrap_err()),
+        ("r1", bob.pause_runner("r1", false).await.unwrap_err()),
         ("r1", bob.resume_runner("r1").await.unwrap_err()),
-        ("r1", bob.delete_runner("r1").await.unwrap_err()),
+        ("r1", bob.delete_runner("r1", false).await.unwrap_err()),
         ("r1", bob.list_executions("r1", 10).await.unwrap_err()),
         ("alice/r1", bob.get_runner("alice/r1").await.unwrap_err()),
     ] {

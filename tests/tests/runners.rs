@@ -53,7 +53,7 @@ async fn a_paused_runner_keeps_its_workspace_files_and_resumes() {
     let file = grad.workspace("admin", "r1").join("code/keep.txt");
     std::fs::write(&file, "still here").unwrap();
 
-    let pausing = admin.pause_runner("r1").await.unwrap();
+    let pausing = admin.pause_runner("r1", false).await.unwrap();
     assert_eq!(pausing.state(), RunnerState::Pausing);
     let paused = admin
         .wait_runner("r1", &[RunnerState::Paused], WAIT)
@@ -98,9 +98,9 @@ async fn pause_resume_delete_chain_without_waiting_works() {
     let grad = Grad::start();
     let admin = grad.admin().await;
     admin.create_runner("r1", res(), Vec::new()).await.unwrap();
-    admin.pause_runner("r1").await.unwrap();
+    admin.pause_runner("r1", false).await.unwrap();
     admin.resume_runner("r1").await.unwrap();
-    admin.pause_runner("r1").await.unwrap();
+    admin.pause_runner("r1", false).await.unwrap();
     admin.resume_runner("r1").await.unwrap();
     let ready = admin.wait_runner("r1", READY, WAIT).await.unwrap();
     assert_eq!(ready.state(), RunnerState::Ready);
@@ -115,7 +115,7 @@ async fn deleting_a_runner_removes_its_process_and_workspace() {
     admin.wait_runner("r1", READY, WAIT).await.unwrap();
     let ws = grad.workspace("admin", "r1");
     std::fs::write(ws.join("outputs/result.csv"), "x\n1\n").unwrap();
-    let deleting = admin.delete_runner("r1").await.unwrap();
+    let deleting = admin.delete_runner("r1", false).await.unwrap();
     assert_eq!(deleting.state(), RunnerState::Deleting);
     let gone = admin
         .wait_runner("r1", &[RunnerState::Deleted], WAIT)

@@ -262,7 +262,7 @@ async fn pausing_a_runner_unmounts_it_and_a_new_runner_appears_on_the_next_sync(
         "r2 was not mounted by the second sync"
     );
 
-    admin.pause_runner("r1").await.unwrap();
+    admin.pause_runner("r1", false).await.unwrap();
     wait_until(
         "runners/r1 to be unmounted after the pause",
         Duration::from_secs(15),

@@ -81,7 +81,7 @@ async fn a_tunnel_needs_a_runner_name_and_a_ready_runner() {
         .create_runner("r1", Resources::default(), Vec::new())
         .await
         .unwrap();
-    admin.pause_runner("r1").await.unwrap();
+    admin.pause_runner("r1", false).await.unwrap();
     admin
         .wait_runner("r1", &[RunnerState::Paused], Duration::from_secs(20))
         .await

@@ -1,14 +1,13 @@
 //! `gractl cp`: files to and from a runner's workspace over SFTP.
 
 use std::{
-    io::{self, IsTerminal, Write},
+    io::{self, Write},
     path::PathBuf,
     sync::Arc,
-    time::Duration,
 };
 
 use clap::Args;
-use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::HumanBytes;
 
 use super::Context;
 use crate::{
@@ -139,7 +138,7 @@ pub(super) async fn cp(context: &Context, args: CpArgs) -> anyhow::Result<()> {
             transfer::plan_download(&sftp, &runner, sources, dest, args.recursive).await?
         }
     };
-    let bar = progress_bar(context, plan.total_bytes());
+    let bar = context.progress_bar(plan.total_bytes());
     let progress: transfer::Progress = {
         let bar = bar.clone();
         Arc::new(move |bytes| bar.inc(bytes))
@@ -176,21 +175,6 @@ pub(super) async fn cp(context: &Context, args: CpArgs) -> anyhow::Result<()> {
         )?,
     }
     Ok(())
-}
-
-/// A byte progress bar on stderr, for people only.
-fn progress_bar(context: &Context, total: u64) -> ProgressBar {
-    if context.format != Format::Table || !io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template(
-        "{bytes:>10}/{total_bytes:<10} [{bar:30}] {bytes_per_sec:>12} {eta:>4}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod dataset;
 mod execute;
 mod execution;
 mod login;
+mod outputs;
 mod runner;
 mod ssh;
 mod workspace;
@@ -16,6 +17,7 @@ use std::{
 };
 
 use clap::{CommandFactory, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::{
     client::Client,
@@ -91,6 +93,9 @@ pub enum Command {
     /// Describe S3 datasets for runners to mount (datasets/*.yaml)
     #[command(subcommand)]
     Dataset(dataset::DatasetCommand),
+    /// Collect, list and pull runners' outputs/ (kept after a runner is deleted)
+    #[command(subcommand)]
+    Outputs(outputs::OutputsCommand),
     /// Print a shell completion script
     Completion {
         #[arg(value_enum)]
@@ -172,6 +177,7 @@ pub async fn run(cli: Cli, environment: Environment) -> anyhow::Result<()> {
         Command::SshKey(command) => ssh::ssh_key(&context, command).await,
         Command::Workspace(command) => workspace::run(&context, command).await,
         Command::Dataset(command) => dataset::run(&context, command).await,
+        Command::Outputs(command) => outputs::run(&context, command).await,
         Command::Completion { shell } => {
             let mut out = io::stdout().lock();
             clap_complete::generate(shell, &mut Cli::command(), "gractl", &mut out);
@@ -281,6 +287,21 @@ impl Context {
     ) -> anyhow::Result<String> {
         flag.or_else(|| workspace.and_then(|w| w.defaults.as_ref()?.runner.clone()))
             .ok_or_else(|| ConfigError::NoRunner.into())
+    }
+
+    /// A byte progress bar on stderr, for people only.
+    fn progress_bar(&self, total: u64) -> ProgressBar {
+        if self.format != Format::Table || !io::stderr().is_terminal() {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(
+            "{bytes:>10}/{total_bytes:<10} [{bar:30}] {bytes_per_sec:>12} {eta:>4}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
     }
 
     /// Progress for people only: shown when stderr is a terminal.

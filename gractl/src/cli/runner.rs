@@ -36,13 +36,14 @@ pub enum RunnerCommand {
         /// Runner name
         name: String,
     },
-    /// Stop a runner, keeping its workspace
-    Pause(WaitArgs),
+    /// Stop a runner, keeping its workspace (its outputs/ is collected first)
+    Pause(StopArgs),
     /// Start a paused runner again
     Resume(WaitArgs),
-    /// Delete a runner and its workspace
+    /// Delete a runner and its workspace (its outputs/ is collected first and
+    /// stays pullable: `gractl outputs pull NAME`)
     #[command(visible_alias = "rm")]
-    Delete(WaitArgs),
+    Delete(StopArgs),
 }
 
 #[derive(Debug, Args)]
@@ -73,6 +74,18 @@ pub struct CreateArgs {
 pub struct WaitArgs {
     /// Runner name
     name: String,
+    #[command(flatten)]
+    wait: Wait,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Runner name
+    name: String,
+    /// Do not collect outputs/ into the blob store first (what changed since
+    /// the last collection is then not kept)
+    #[arg(long)]
+    skip_outputs: bool,
     #[command(flatten)]
     wait: Wait,
 }
@@ -157,8 +170,12 @@ pub(super) async fn run(context: &Context, command: RunnerCommand) -> anyhow::Re
             let runner = client.get_runner(&name).await?;
             print_runner(context, &runner)
         }
-        RunnerCommand::Pause(WaitArgs { name, wait }) => {
-            let runner = client.pause_runner(&name).await?;
+        RunnerCommand::Pause(StopArgs {
+            name,
+            skip_outputs,
+            wait,
+        }) => {
+            let runner = client.pause_runner(&name, skip_outputs).await?;
             if wait.wait {
                 context.progress(&format!("waiting for runner {name} to pause..."));
                 let runner = client
@@ -179,8 +196,12 @@ pub(super) async fn run(context: &Context, command: RunnerCommand) -> anyhow::Re
                 print_changed(context, &runner, &output::runner_state(runner.state()))
             }
         }
-        RunnerCommand::Delete(WaitArgs { name, wait }) => {
-            let runner = client.delete_runner(&name).await?;
+        RunnerCommand::Delete(StopArgs {
+            name,
+            skip_outputs,
+            wait,
+        }) => {
+            let runner = client.delete_runner(&name, skip_outputs).await?;
             if wait.wait {
                 context.progress(&format!("waiting for runner {name} to be deleted..."));
                 let deleted = match client

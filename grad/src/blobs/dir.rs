@@ -4,6 +4,7 @@
 //! where the signature is HMAC-SHA256 (a key kept in the data dir) over the
 //! method, the key, the expiry and, for a PUT, the SHA-256 the body must have.
 //! An expired or altered URL is refused; so is a body with another digest.
+//! Refusals are S3-style XML errors (`SignatureDoesNotMatch`, `BadDigest`, …).
 //! Uploads land in `partial/` and are renamed into `objects/` only once
 //! their digest checks out, so a reader never sees half an object.
 
@@ -97,7 +98,7 @@ impl DirStore {
 
     /// Checks a request's URL; answers why it is refused.
     fn verify(&self, method: Method, key: &str, uri: &Uri) -> Result<Signed, Refusal> {
-        let refuse = Refusal;
+        let refuse = |status, message| Refusal::new(status, message);
         let key = Key::new(key).map_err(|e| refuse(StatusCode::BAD_REQUEST, e.to_string()))?;
         let mut expires = None;
         let mut sha256 = String::new();
@@ -121,8 +122,9 @@ impl DirStore {
             .verify_slice(&signature)
             .is_err()
         {
-            return Err(refuse(
+            return Err(Refusal(
                 StatusCode::FORBIDDEN,
+                "SignatureDoesNotMatch",
                 "the URL's signature does not match: it was altered or is for another method"
                     .into(),
             ));
@@ -174,11 +176,11 @@ impl DirStore {
             Err(refused) => return refused.into_response(),
         };
         let Some(expected) = signed.sha256 else {
-            return (
+            return Refusal::new(
                 StatusCode::FORBIDDEN,
-                "an upload URL must name its SHA-256\n",
+                "an upload URL must name its SHA-256".into(),
             )
-                .into_response();
+            .into_response();
         };
         let partial = self.partial.join(uuid::Uuid::new_v4().to_string());
         let result = self.write(&partial, body, expected, &signed.key).await;
@@ -206,7 +208,7 @@ impl DirStore {
     ) -> Result<(), Refusal> {
         let internal = |what: &str, e: io::Error| {
             tracing::warn!(error = %e, key = %key, "blob store: {what}");
-            Refusal(
+            Refusal::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("storing the blob failed ({what})"),
             )
@@ -220,6 +222,7 @@ impl DirStore {
             let chunk = chunk.map_err(|e| {
                 Refusal(
                     StatusCode::BAD_REQUEST,
+                    "IncompleteBody",
                     format!("the upload broke off: {e}"),
                 )
             })?;
@@ -233,6 +236,7 @@ impl DirStore {
         if got != expected {
             return Err(Refusal(
                 StatusCode::BAD_REQUEST,
+                "BadDigest",
                 format!(
                     "the body's SHA-256 is {got}, not {expected} as the URL says: nothing stored"
                 ),
@@ -257,16 +261,20 @@ impl DirStore {
         let file = match tokio::fs::File::open(self.path(&signed.key)).await {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return (StatusCode::NOT_FOUND, format!("no blob '{}'\n", signed.key))
-                    .into_response();
+                return Refusal(
+                    StatusCode::NOT_FOUND,
+                    "NoSuchKey",
+                    format!("no blob '{}'", signed.key),
+                )
+                .into_response();
             }
             Err(e) => {
                 tracing::warn!(error = %e, key = %signed.key, "blob store: opening");
-                return (
+                return Refusal::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    "reading the blob failed\n",
+                    "reading the blob failed".into(),
                 )
-                    .into_response();
+                .into_response();
             }
         };
         let mut headers = HeaderMap::new();
@@ -287,12 +295,41 @@ struct Signed {
     sha256: Option<Sha256>,
 }
 
-/// A request refused, and why (sent as the body).
-struct Refusal(StatusCode, String);
+/// A request refused, and why: S3's error code and a message, sent as S3
+/// sends them (an XML `Error` document), so clients handle both stores alike.
+struct Refusal(StatusCode, &'static str, String);
+
+impl Refusal {
+    /// A refusal with the code S3 uses for `status` in general.
+    fn new(status: StatusCode, message: String) -> Refusal {
+        let code = match status {
+            StatusCode::FORBIDDEN => "AccessDenied",
+            StatusCode::NOT_FOUND => "NoSuchKey",
+            StatusCode::BAD_REQUEST => "InvalidArgument",
+            _ => "InternalError",
+        };
+        Refusal(status, code, message)
+    }
+}
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        (self.0, format!("{}\n", self.1)).into_response()
+        let escape = |text: &str| {
+            text.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+        };
+        let body = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{}</Code><Message>{}</Message></Error>\n",
+            self.1,
+            escape(&self.2)
+        );
+        let mut response = (self.0, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/xml"),
+        );
+        response
     }
 }
 

@@ -22,10 +22,13 @@ use tokio_util::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
+mod outputs;
+
 use crate::{
     auth::{self, Caller},
     blobs::BlobStore,
     exec,
+    outputs::Outputs,
     runners::{Runners, Waited},
     ssh_keys,
     store::{self, State},
@@ -37,6 +40,7 @@ pub struct Api {
     pub runners: Arc<Runners>,
     pub tunnels: Arc<Tunnels>,
     pub blobs: Arc<dyn BlobStore>,
+    pub outputs: Arc<Outputs>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -149,7 +153,11 @@ impl RunnersRpc for Api {
 
     async fn pause_runner(&self, req: Request<pb::PauseRunnerRequest>) -> RpcResult<pb::Runner> {
         let caller = auth::user(&req)?;
-        let runner = self.runners.pause(caller, &req.get_ref().name).await?;
+        let msg = req.get_ref();
+        let runner = self
+            .runners
+            .pause(caller, &msg.name, msg.skip_outputs)
+            .await?;
         Ok(Response::new(self.runner_to_pb(runner)))
     }
 
@@ -161,7 +169,11 @@ impl RunnersRpc for Api {
 
     async fn delete_runner(&self, req: Request<pb::DeleteRunnerRequest>) -> RpcResult<pb::Runner> {
         let caller = auth::user(&req)?;
-        let runner = self.runners.delete(caller, &req.get_ref().name).await?;
+        let msg = req.get_ref();
+        let runner = self
+            .runners
+            .delete(caller, &msg.name, msg.skip_outputs)
+            .await?;
         Ok(Response::new(self.runner_to_pb(runner)))
     }
 
@@ -344,6 +356,26 @@ fn runner_caller<T>(req: &Request<T>) -> Result<(String, String), Status> {
     }
 }
 
+impl Api {
+    /// The runner whose current agent token made this call: a replaced
+    /// token (the runner was restarted) may do nothing more.
+    async fn current_runner<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let (runner_id, token_id) = runner_caller(req)?;
+        let runner = self
+            .runners
+            .store()
+            .runner_by_id(&runner_id)
+            .await
+            .map_err(Status::from)?;
+        if runner.is_none_or(|r| r.token_id != token_id) {
+            return Err(Status::permission_denied(
+                "this runner token has been replaced",
+            ));
+        }
+        Ok(runner_id)
+    }
+}
+
 /// A stream of commands that ends when its agent connection is closed.
 pub struct CommandStream {
     inner: ReceiverStream<AgentCommand>,
@@ -369,22 +401,46 @@ impl RunnerAgent for Api {
     type TunnelStream = Splice;
 
     async fn tunnel(&self, req: Request<Streaming<TunnelFrame>>) -> RpcResult<Splice> {
-        let (runner_id, token_id) = runner_caller(&req)?;
-        // A replaced token (the runner was restarted) may not serve tunnels.
-        let runner = self
-            .runners
-            .store()
-            .runner_by_id(&runner_id)
-            .await
-            .map_err(Status::from)?;
-        if runner.is_none_or(|r| r.token_id != token_id) {
-            return Err(Status::permission_denied(
-                "this runner token has been replaced",
-            ));
-        }
+        let runner_id = self.current_runner(&req).await?;
         Ok(Response::new(
             self.tunnels.accept(&runner_id, req.into_inner()).await?,
         ))
+    }
+
+    async fn plan_outputs(&self, req: Request<pb::OutputManifest>) -> RpcResult<pb::OutputUploads> {
+        let runner_id = self.current_runner(&req).await?;
+        let uploads = self.outputs.plan(&runner_id, req.into_inner()).await?;
+        Ok(Response::new(pb::OutputUploads {
+            uploads: uploads.into_iter().map(outputs::upload_to_pb).collect(),
+        }))
+    }
+
+    async fn begin_part_upload(
+        &self,
+        req: Request<pb::BeginPartUploadRequest>,
+    ) -> RpcResult<pb::PartUpload> {
+        let runner_id = self.current_runner(&req).await?;
+        let multipart = self
+            .outputs
+            .begin_parts(&runner_id, req.into_inner())
+            .await?;
+        Ok(Response::new(pb::PartUpload {
+            upload_id: multipart.upload_id,
+            parts: multipart
+                .parts
+                .iter()
+                .map(outputs::presigned_to_pb)
+                .collect(),
+        }))
+    }
+
+    async fn commit_outputs(
+        &self,
+        req: Request<pb::CommitOutputsRequest>,
+    ) -> RpcResult<pb::OutputSet> {
+        let runner_id = self.current_runner(&req).await?;
+        let set = self.outputs.commit(&runner_id, req.into_inner()).await?;
+        Ok(Response::new(outputs::set_to_pb(&set, &[], None)))
     }
 
     async fn attach(&self, req: Request<Streaming<AgentMessage>>) -> RpcResult<CommandStream> {
@@ -455,6 +511,7 @@ impl RunnerAgent for Api {
                             tracing::warn!(runner = %runner.name, error = %e, "recording dataset mounts");
                         }
                     }
+                    Some(Message::OutputsCollected(report)) => agent.collected(report),
                     Some(Message::Heartbeat(_)) | Some(Message::Register(_)) | None => {}
                 }
             }

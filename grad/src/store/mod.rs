@@ -1,4 +1,4 @@
-//! The state store: users, runners and executions in SQL through `sqlx::Any`,
+//! The state store: users, runners, executions and outputs in SQL through `sqlx::Any`,
 //! so the same queries run on SQLite (the embedded default) and PostgreSQL.
 //! Everything that must survive a grad restart lives here.
 
@@ -10,6 +10,10 @@ use sqlx::{
 };
 
 use crate::error::{Error, Result};
+
+mod outputs;
+
+pub use outputs::{OutputFile, OutputSet};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -436,7 +440,7 @@ impl Store {
             .bind(id)
             .execute(&self.pool)
             .await?;
-        Ok(())
+        self.outputs_of_deleted_runner(id).await
     }
 
     // SSH keys.

@@ -37,7 +37,7 @@ pub enum Error {
     Download {
         path: String,
         #[source]
-        source: grad_transfer::Error,
+        source: Box<grad_transfer::Error>,
     },
     #[error("grad sent no download URL for outputs/{0}")]
     NoUrl(String),
@@ -128,7 +128,7 @@ pub async fn pull(
     })?;
     let http = grad_transfer::Client::new().map_err(|source| Error::Download {
         path: String::new(),
-        source,
+        source: Box::new(source),
     })?;
     let mut pulled = Pulled::default();
     let mut running = JoinSet::new();
@@ -206,7 +206,7 @@ async fn fetch(
     .await
     .map_err(|source| Error::Download {
         path: file.path.clone(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(true)
 }

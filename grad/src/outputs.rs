@@ -164,6 +164,14 @@ fn validate(manifest: pb::OutputManifest) -> Result<Manifest> {
     Ok(Manifest { files, skipped })
 }
 
+/// The part size for an object of `size` bytes: 64 MiB (or the threshold,
+/// if lower), more when S3's 10 000 parts would not hold it, never under
+/// S3's 5 MiB minimum.
+fn part_bytes(threshold: u64, size: u64) -> u64 {
+    let fewest = size.div_ceil(MAX_PARTS).next_multiple_of(1 << 20);
+    PART_BYTES.min(threshold).max(fewest).max(MIN_PART)
+}
+
 /// Whether `name` is a runner id (what ListOutputs shows for a deleted runner).
 fn is_runner_id(name: &str) -> bool {
     uuid::Uuid::try_parse(name).is_ok()
@@ -349,11 +357,7 @@ impl Outputs {
     }
 
     fn part_bytes(&self, size: u64) -> u64 {
-        let fewest = size.div_ceil(MAX_PARTS).next_multiple_of(1 << 20);
-        PART_BYTES
-            .min(self.part_threshold)
-            .max(fewest)
-            .max(MIN_PART)
+        part_bytes(self.part_threshold, size)
     }
 
     /// PlanOutputs: how to upload what the store lacks.
@@ -383,6 +387,14 @@ impl Outputs {
                 how,
             });
         }
+        let in_parts = uploads
+            .iter()
+            .filter(|u| matches!(u.how, How::Parts(_)))
+            .count();
+        tracing::info!(
+            runner = %runner.name, files = manifest.files.len(), uploads = uploads.len(), in_parts,
+            "outputs upload planned"
+        );
         Ok(uploads)
     }
 
@@ -583,6 +595,18 @@ mod tests {
         let v = validate(m).unwrap();
         assert_eq!(v.skipped.len(), MAX_SKIPPED + 1);
         assert_eq!(v.skipped.last().unwrap(), "... and 50 more");
+    }
+
+    #[test]
+    fn parts_are_64_mib_or_the_threshold_and_never_too_many() {
+        const MI: u64 = 1 << 20;
+        assert_eq!(part_bytes(1 << 30, 2 << 30), 64 * MI);
+        assert_eq!(part_bytes(5 * MI, 13 * MI), 5 * MI);
+        // 5 TiB, S3's largest object, still fits in 10 000 parts.
+        let huge = 5u64 << 40;
+        let part = part_bytes(1 << 30, huge);
+        assert!(huge.div_ceil(part) <= MAX_PARTS, "{part}");
+        assert_eq!(part % MI, 0);
     }
 
     #[test]

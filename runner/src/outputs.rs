@@ -149,7 +149,7 @@ impl Collector {
         let plan = agent
             .plan_outputs(authed(&auth, manifest.clone()))
             .await
-            .map_err(|s| format!("grad refused the outputs: {}", s.message()))?
+            .map_err(|s| format!("asking grad where to upload: {}", s.message()))?
             .into_inner();
 
         // Any file with the content will do as its source.
@@ -210,7 +210,7 @@ impl Collector {
                 },
             ))
             .await
-            .map_err(|s| format!("grad did not record the outputs: {}", s.message()))?;
+            .map_err(|s| format!("recording the outputs in grad: {}", s.message()))?;
         Ok(report)
     }
 

@@ -81,6 +81,7 @@ pub struct Grad {
     pub admin_token: String,
     child: Option<Child>,
     extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -91,6 +92,12 @@ impl Grad {
     }
 
     pub fn start_with(args: &[&str]) -> Grad {
+        Grad::start_with_env(args, &[])
+    }
+
+    /// Starts grad with extra flags and environment variables (the AWS
+    /// SDK's credentials for an S3 blob store, say).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Grad {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data_dir = tmp.path().join("grad");
         let mut grad = Grad {
@@ -99,6 +106,10 @@ impl Grad {
             admin_token: String::new(),
             child: None,
             extra_args: args.iter().map(|s| s.to_string()).collect(),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             _tmp: Some(tmp),
         };
         grad.spawn("127.0.0.1:0");
@@ -121,6 +132,7 @@ impl Grad {
             cmd.arg("--python").arg(python());
         }
         let mut child = cmd
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .env_remove("GRAD_TOKEN")
             .stdout(Stdio::null())

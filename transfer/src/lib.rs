@@ -391,7 +391,7 @@ mod tests {
         let path = dir.path().join("empty");
         fs::write(&path, b"").unwrap();
         let digest = hash_file(&path, Some(5 << 20)).unwrap();
-        assert_eq!(digest.parts, [digest.sha256.clone()]);
+        assert_eq!(digest.parts, std::slice::from_ref(&digest.sha256));
     }
 
     #[test]

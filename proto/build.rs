@@ -12,6 +12,7 @@ const FILES: &[&str] = &[
     "proto/grad/v1/agent.proto",
     "proto/grad/v1/tunnel.proto",
     "proto/grad/v1/outputs.proto",
+    "proto/grad/v1/datasets.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -9,10 +9,10 @@ use grad_proto::{
     DeleteRunnerRequest, DeleteSshKeyRequest, ExecEvent, ExecuteCodeRequest, Execution,
     GetOutputsRequest, GetRunnerRequest, ListExecutionsRequest, ListOutputsRequest,
     ListRunnersRequest, ListSshKeysRequest, OutputSet, PauseRunnerRequest, Resources,
-    ResumeRunnerRequest, Runner, RunnerState, SshKey, TunnelFrame, User, WaitRunnerRequest,
-    WhoAmIRequest, exec_client::ExecClient, outputs_client::OutputsClient,
-    runners_client::RunnersClient, tunnel::TunnelIo, tunnels_client::TunnelsClient,
-    users_client::UsersClient,
+    ResumeRunnerRequest, Runner, RunnerState, SshKey, TestDatasetRequest, TestDatasetResponse,
+    TunnelFrame, User, WaitRunnerRequest, WhoAmIRequest, datasets_client::DatasetsClient,
+    exec_client::ExecClient, outputs_client::OutputsClient, runners_client::RunnersClient,
+    tunnel::TunnelIo, tunnels_client::TunnelsClient, users_client::UsersClient,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -315,6 +315,20 @@ impl Client {
         Ok(self
             .outputs()
             .delete_outputs(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    /// Has grad list a few objects of `dataset` with its credentials.
+    pub async fn test_dataset(
+        &self,
+        dataset: grad_proto::Dataset,
+    ) -> Result<TestDatasetResponse, ClientError> {
+        let request = TestDatasetRequest {
+            dataset: Some(dataset),
+        };
+        Ok(DatasetsClient::new(self.channel.clone())
+            .test_dataset(self.request(request))
             .await?
             .into_inner())
     }

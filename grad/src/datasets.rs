@@ -11,6 +11,10 @@ use grad_proto::{self as pb, AgentCommand, MountDatasets, agent_command::Command
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    blobs::{
+        S3Store,
+        s3::{self, Probe, ProbeError},
+    },
     error::{Error, Result},
     sealed::Sealer,
     store,
@@ -56,6 +60,77 @@ struct Keys {
     secret_access_key: String,
 }
 
+/// Checks one dataset's fields, naming the one that is wrong.
+fn validate(dataset: &pb::Dataset) -> Result<()> {
+    let field = |what: &str| format!("dataset '{}': {what}", dataset.name);
+    crate::runners::validate_name(&dataset.name).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "dataset name '{}': use 1-63 lowercase letters, digits and '-', starting with a letter",
+            dataset.name
+        ))
+    })?;
+    let bucket_ok = (3..=63).contains(&dataset.bucket.len())
+        && dataset
+            .bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    if !bucket_ok {
+        return Err(Error::InvalidArgument(field(&format!(
+            "bucket '{}': 3-63 lowercase letters, digits, '.' and '-'",
+            dataset.bucket
+        ))));
+    }
+    if dataset.prefix.starts_with('/')
+        || dataset.prefix.split('/').any(|s| s == "..")
+        || dataset.prefix.chars().any(char::is_control)
+    {
+        return Err(Error::InvalidArgument(field(&format!(
+            "prefix '{}': a path in the bucket, without a leading '/' or '..'",
+            dataset.prefix
+        ))));
+    }
+    let url = |s: &str| s.starts_with("http://") || s.starts_with("https://");
+    if !(dataset.endpoint.is_empty() || url(&dataset.endpoint)) {
+        return Err(Error::InvalidArgument(field(&format!(
+            "endpoint '{}': expected a URL like http://127.0.0.1:9000",
+            dataset.endpoint
+        ))));
+    }
+    if let Some(credentials) = &dataset.credentials
+        && (credentials.access_key_id.is_empty() || credentials.secret_access_key.is_empty())
+    {
+        return Err(Error::InvalidArgument(field(
+            "credentials: both the access key id and the secret access key are needed",
+        )));
+    }
+    Ok(())
+}
+
+/// How many keys a test lists.
+const TEST_SAMPLE: i32 = 10;
+
+/// Lists a few objects of `dataset` with its own credentials (anonymously
+/// when it has none, never with grad's): can a runner mount it? A failure
+/// to list is the answer's `Err`; a malformed dataset is the outer error.
+pub async fn test(dataset: pb::Dataset) -> Result<std::result::Result<Probe, ProbeError>> {
+    validate(&dataset)?;
+    let non_empty = |s: String| (!s.is_empty()).then_some(s);
+    let settings = s3::Settings {
+        bucket: dataset.bucket,
+        prefix: String::new(),
+        endpoint: non_empty(dataset.endpoint),
+        region: non_empty(dataset.region),
+        path_style: dataset.path_style,
+        anonymous: dataset.credentials.is_none(),
+        credentials: dataset.credentials.map(|c| s3::Credentials {
+            access_key_id: c.access_key_id,
+            secret_access_key: c.secret_access_key,
+        }),
+    };
+    let store = S3Store::new(&settings).await?;
+    Ok(store.probe(&dataset.prefix, TEST_SAMPLE).await)
+}
+
 /// Checks the datasets of a new runner; returns what to keep with it and its
 /// credentials sealed for `runner_id` ("" when there are none).
 pub fn accept(
@@ -72,52 +147,16 @@ pub fn accept(
     let mut kept = Vec::with_capacity(datasets.len());
     let mut keys = BTreeMap::new();
     for dataset in datasets {
-        let field = |what: &str| format!("dataset '{}': {what}", dataset.name);
-        crate::runners::validate_name(&dataset.name).map_err(|_| {
-            Error::InvalidArgument(format!(
-                "dataset name '{}': use 1-63 lowercase letters, digits and '-', starting with a letter",
-                dataset.name
-            ))
-        })?;
+        validate(&dataset)?;
         if kept.iter().any(|d: &Dataset| d.name == dataset.name) {
-            return Err(Error::InvalidArgument(field("named twice")));
-        }
-        let bucket_ok = (3..=63).contains(&dataset.bucket.len())
-            && dataset
-                .bucket
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
-        if !bucket_ok {
-            return Err(Error::InvalidArgument(field(&format!(
-                "bucket '{}': 3-63 lowercase letters, digits, '.' and '-'",
-                dataset.bucket
-            ))));
-        }
-        if dataset.prefix.starts_with('/')
-            || dataset.prefix.split('/').any(|s| s == "..")
-            || dataset.prefix.chars().any(char::is_control)
-        {
-            return Err(Error::InvalidArgument(field(&format!(
-                "prefix '{}': a path in the bucket, without a leading '/' or '..'",
-                dataset.prefix
-            ))));
-        }
-        let url = |s: &str| s.starts_with("http://") || s.starts_with("https://");
-        if !(dataset.endpoint.is_empty() || url(&dataset.endpoint)) {
-            return Err(Error::InvalidArgument(field(&format!(
-                "endpoint '{}': expected a URL like http://127.0.0.1:9000",
-                dataset.endpoint
-            ))));
+            return Err(Error::InvalidArgument(format!(
+                "dataset '{}': named twice",
+                dataset.name
+            )));
         }
         let public = match dataset.credentials {
             None => true,
             Some(credentials) => {
-                if credentials.access_key_id.is_empty() || credentials.secret_access_key.is_empty()
-                {
-                    return Err(Error::InvalidArgument(field(
-                        "credentials: both the access key id and the secret access key are needed",
-                    )));
-                }
                 keys.insert(
                     dataset.name.clone(),
                     Keys {

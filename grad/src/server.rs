@@ -11,9 +11,9 @@ use std::{
 
 use axum::{http::StatusCode, routing::get};
 use grad_proto::{
-    FILE_DESCRIPTOR_SET, exec_server::ExecServer, outputs_server::OutputsServer,
-    runner_agent_server::RunnerAgentServer, runners_server::RunnersServer,
-    tunnels_server::TunnelsServer, users_server::UsersServer,
+    FILE_DESCRIPTOR_SET, datasets_server::DatasetsServer, exec_server::ExecServer,
+    outputs_server::OutputsServer, runner_agent_server::RunnerAgentServer,
+    runners_server::RunnersServer, tunnels_server::TunnelsServer, users_server::UsersServer,
 };
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -104,6 +104,7 @@ async fn open_blobs(
                 region: config.s3_region.clone(),
                 path_style: config.s3_path_style,
                 credentials: None,
+                anonymous: false,
             })
             .await?;
             Ok((Arc::new(store), axum::Router::new()))
@@ -188,6 +189,7 @@ pub async fn serve(
     health.set_serving::<UsersServer<Api>>().await;
     health.set_serving::<TunnelsServer<Api>>().await;
     health.set_serving::<OutputsServer<Api>>().await;
+    health.set_serving::<DatasetsServer<Api>>().await;
     health.set_serving::<RunnerAgentServer<Api>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -215,6 +217,7 @@ pub async fn serve(
         .add_service(UsersServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(TunnelsServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(OutputsServer::with_interceptor(api.clone(), auth.clone()))
+        .add_service(DatasetsServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             RunnerAgentServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
             auth.clone(),
@@ -250,6 +253,7 @@ pub async fn serve(
             health.set_not_serving::<UsersServer<Api>>().await;
             health.set_not_serving::<TunnelsServer<Api>>().await;
             health.set_not_serving::<OutputsServer<Api>>().await;
+            health.set_not_serving::<DatasetsServer<Api>>().await;
             health.set_not_serving::<RunnerAgentServer<Api>>().await;
             agents.close_all();
         }

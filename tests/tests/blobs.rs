@@ -238,6 +238,7 @@ async fn s3_store(server: &S3Server, bucket: &str, secret: &str) -> S3Store {
             access_key_id: S3Server::ACCESS_KEY.into(),
             secret_access_key: secret.into(),
         }),
+        anonymous: false,
     })
     .await
     .unwrap()

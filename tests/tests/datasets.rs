@@ -126,6 +126,7 @@ async fn upload_parquet(server: &S3Server, dir: &Path) {
             access_key_id: S3Server::ACCESS_KEY.into(),
             secret_access_key: S3Server::SECRET_KEY.into(),
         }),
+        anonymous: false,
     })
     .await
     .unwrap();
@@ -430,4 +431,89 @@ async fn gractl_adds_a_dataset_and_creates_a_runner_with_it() {
     let (code, _, _) = gractl(&["dataset", "remove", "taxi"]);
     assert_eq!(code, Some(0));
     assert!(!ws.join("datasets/taxi.yaml").exists());
+}
+
+/// `gractl dataset test`: grad lists the bucket with the dataset's own keys
+/// and says why it cannot, with the exit code of the failure's class.
+#[tokio::test(flavor = "multi_thread")]
+async fn dataset_test_tells_good_keys_from_wrong_ones_and_missing_buckets() {
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    upload_parquet(&server, tmp.path()).await;
+    let grad = Grad::start();
+    let ws = tmp.path().join("ws");
+    let gractl = |args: &[&str]| {
+        let out = grad
+            .gractl(&grad.admin_token)
+            .arg("--workspace")
+            .arg(&ws)
+            .args(args)
+            .env("TAXI_AK", S3Server::ACCESS_KEY)
+            .env("TAXI_SK", S3Server::SECRET_KEY)
+            .env("WRONG_SK", "not-the-secret")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(
+        gractl(&["workspace", "init", ws.to_str().unwrap()]).0,
+        Some(0)
+    );
+    let add = |name: &str, bucket: &str, endpoint: &str, secret_var: &str| {
+        let (code, _, err) = gractl(&[
+            "dataset",
+            "add",
+            name,
+            "--bucket",
+            bucket,
+            "--endpoint",
+            endpoint,
+            "--env-access-key-id",
+            "TAXI_AK",
+            "--env-secret-access-key",
+            secret_var,
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+    };
+    add("good", BUCKET, &server.endpoint, "TAXI_SK");
+    add("wrong", BUCKET, &server.endpoint, "WRONG_SK");
+    add("missing", "no-such-bucket", &server.endpoint, "TAXI_SK");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    add("nowhere", BUCKET, &nowhere, "TAXI_SK");
+
+    let (code, out, err) = gractl(&["dataset", "test", "good"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "dataset/good ok: s3://trips/ lists 1 object: trips.parquet\n"
+    );
+    let (code, out, _) = gractl(&["dataset", "test", "good", "-o", "json"]);
+    assert_eq!(code, Some(0));
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["sample"], serde_json::json!(["trips.parquet"]));
+
+    let (code, _, err) = gractl(&["dataset", "test", "wrong"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("grad cannot list s3://trips/") && err.contains("SignatureDoesNotMatch"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("not-the-secret"),
+        "the key was printed: {err}"
+    );
+    let (code, _, err) = gractl(&["dataset", "test", "missing"]);
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("NoSuchBucket"), "{err}");
+    let (code, _, err) = gractl(&["dataset", "test", "nowhere"]);
+    assert_eq!(code, Some(6), "{err}");
+    assert!(err.contains("Unreachable"), "{err}");
 }

@@ -1,4 +1,4 @@
-//! `gractl dataset add|list|show|remove`: the workspace's `datasets/*.yaml`.
+//! `gractl dataset add|list|show|test|remove`: the workspace's `datasets/*.yaml`.
 
 use std::io::{self, Write};
 
@@ -22,6 +22,12 @@ pub enum DatasetCommand {
     List,
     /// Show one dataset (never its keys)
     Show {
+        /// Dataset name
+        name: String,
+    },
+    /// Check that the dataset can be listed with its credentials (grad tries,
+    /// from where runners run)
+    Test {
         /// Dataset name
         name: String,
     },
@@ -115,9 +121,63 @@ fn workspace(context: &Context) -> anyhow::Result<Workspace> {
 }
 
 pub(super) async fn run(context: &Context, command: DatasetCommand) -> anyhow::Result<()> {
-    let root = workspace(context)?.root;
+    let workspace = workspace(context)?;
+    let root = workspace.root.clone();
     let mut out = io::stdout().lock();
     match command {
+        DatasetCommand::Test { name } => {
+            let (path, dataset) = find(&root, &name)?;
+            let proto = dataset.to_proto(&path)?;
+            let client = context.connect(Some(&workspace)).await?;
+            let tested = client.test_dataset(proto).await?;
+            if !tested.ok {
+                let code = match tested.error_code.as_str() {
+                    "AccessDenied"
+                    | "InvalidAccessKeyId"
+                    | "SignatureDoesNotMatch"
+                    | "InvalidToken"
+                    | "ExpiredToken" => Code::Auth,
+                    "NoSuchBucket" => Code::NotFound,
+                    _ => Code::Unavailable,
+                };
+                return Err(Failure::new(
+                    code,
+                    format!(
+                        "dataset {name}: grad cannot list {}: {} ({})",
+                        dataset.source(),
+                        tested.error,
+                        tested.error_code
+                    ),
+                )
+                .into());
+            }
+            match context.format {
+                Format::Table => {
+                    let count = format!(
+                        "{}{}",
+                        tested.sample.len(),
+                        if tested.truncated { "+" } else { "" }
+                    );
+                    let listed = if tested.sample.is_empty() {
+                        "lists no objects: the prefix is empty".to_owned()
+                    } else {
+                        let noun = if count == "1" { "object" } else { "objects" };
+                        format!("lists {count} {noun}: {}", tested.sample.join(", "))
+                    };
+                    writeln!(out, "dataset/{name} ok: {} {listed}", dataset.source())?;
+                }
+                Format::Json | Format::Ndjson => output::write_json(
+                    &mut out,
+                    &serde_json::json!({
+                        "name": name,
+                        "source": dataset.source(),
+                        "ok": true,
+                        "sample": tested.sample,
+                        "truncated": tested.truncated,
+                    }),
+                )?,
+            }
+        }
         DatasetCommand::Add(args) => {
             let credentials = match (&args.secret, &args.env_access_key_id, &args.profile) {
                 (None, None, None) => None,

@@ -10,8 +10,8 @@ use std::{
 
 use grad_proto::{
     self as pb, AgentCommand, AgentMessage, ExecEvent, Registered, TunnelFrame,
-    agent_command::Command, agent_message::Message, exec_server::Exec,
-    runner_agent_server::RunnerAgent, runners_server::Runners as RunnersRpc,
+    agent_command::Command, agent_message::Message, datasets_server::Datasets as DatasetsRpc,
+    exec_server::Exec, runner_agent_server::RunnerAgent, runners_server::Runners as RunnersRpc,
     tunnels_server::Tunnels as TunnelsRpc, users_server::Users,
 };
 use tokio::sync::mpsc;
@@ -27,7 +27,7 @@ mod outputs;
 use crate::{
     auth::{self, Caller},
     blobs::BlobStore,
-    exec,
+    datasets, exec,
     outputs::Outputs,
     runners::{Runners, Waited},
     ssh_keys,
@@ -213,6 +213,36 @@ impl RunnersRpc for Api {
                 ..Default::default()
             },
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl DatasetsRpc for Api {
+    async fn test_dataset(
+        &self,
+        req: Request<pb::TestDatasetRequest>,
+    ) -> RpcResult<pb::TestDatasetResponse> {
+        let caller = auth::user(&req)?.name.clone();
+        let dataset = req.into_inner().dataset.unwrap_or_default();
+        let name = dataset.name.clone();
+        let response = match datasets::test(dataset).await? {
+            Ok(probe) => pb::TestDatasetResponse {
+                ok: true,
+                sample: probe.sample,
+                truncated: probe.truncated,
+                ..Default::default()
+            },
+            Err(failed) => {
+                tracing::info!(user = %caller, dataset = %name, code = %failed.code, "dataset test failed");
+                pb::TestDatasetResponse {
+                    ok: false,
+                    error_code: failed.code,
+                    error: failed.message,
+                    ..Default::default()
+                }
+            }
+        };
+        Ok(Response::new(response))
     }
 }
 

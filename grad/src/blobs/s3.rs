@@ -37,6 +37,24 @@ pub struct Settings {
     pub path_style: bool,
     /// These keys instead of the SDK's chain (a dataset's own credentials).
     pub credentials: Option<Credentials>,
+    /// No credentials at all (a public bucket): never the SDK's chain,
+    /// which would be grad's own.
+    pub anonymous: bool,
+}
+
+/// What listing a few objects found (see [`S3Store::probe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// Keys relative to the prefix.
+    pub sample: Vec<String>,
+    pub truncated: bool,
+}
+
+/// Why listing failed: S3's error code, or `Unreachable`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeError {
+    pub code: String,
+    pub message: String,
 }
 
 /// An access key pair; its Debug output hides the secret.
@@ -75,7 +93,9 @@ impl S3Store {
         if let Some(region) = &settings.region {
             loader = loader.region(Region::new(region.clone()));
         }
-        if let Some(keys) = &settings.credentials {
+        if settings.anonymous {
+            loader = loader.no_credentials();
+        } else if let Some(keys) = &settings.credentials {
             loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
                 &keys.access_key_id,
                 &keys.secret_access_key,
@@ -95,6 +115,41 @@ impl S3Store {
             bucket: settings.bucket.clone(),
             prefix: settings.prefix.clone(),
         })
+    }
+
+    /// Lists up to `max` objects under `prefix` (of the bucket, not the
+    /// store's own prefix): can these settings read the bucket?
+    pub async fn probe(&self, prefix: &str, max: i32) -> std::result::Result<Probe, ProbeError> {
+        use aws_sdk_s3::error::ProvideErrorMetadata;
+        match self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .max_keys(max)
+            .send()
+            .await
+        {
+            Ok(page) => Ok(Probe {
+                sample: page
+                    .contents()
+                    .iter()
+                    .filter_map(|o| o.key())
+                    .map(|k| k.strip_prefix(prefix).unwrap_or(k).to_owned())
+                    .collect(),
+                truncated: page.is_truncated().unwrap_or(false),
+            }),
+            Err(e) => match e.code() {
+                Some(code) => Err(ProbeError {
+                    code: code.to_owned(),
+                    message: e.message().unwrap_or(code).to_owned(),
+                }),
+                None => Err(ProbeError {
+                    code: "Unreachable".into(),
+                    message: aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
+                }),
+            },
+        }
     }
 
     fn object_key(&self, key: &Key) -> String {

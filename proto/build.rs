@@ -13,6 +13,7 @@ const FILES: &[&str] = &[
     "proto/grad/v1/tunnel.proto",
     "proto/grad/v1/outputs.proto",
     "proto/grad/v1/datasets.proto",
+    "proto/grad/v1/secrets.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

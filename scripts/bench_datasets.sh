@@ -6,7 +6,13 @@
 #      of the same object to the same server; both sent by curl;
 #   2. a DuckDB query over a parquet dataset read through the s3fs mount, the
 #      way a runner mounts it, against copying the file locally first and
-#      querying the copy.
+#      querying the copy;
+#   3. grad's own path for outputs, end to end: a real grad on this S3 server,
+#      `gractl outputs collect` of a new 100 MB file in a runner's outputs/
+#      (the runner hashes it, asks grad for a URL, PUTs it, grad checks and
+#      records it) and `gractl outputs pull` (presigned GET, SHA-256 checked,
+#      renamed into place), against curl --aws-sigv4 PUT and GET of the same
+#      bytes; and a collection when nothing changed.
 # Each step runs ROUNDS times; prints medians and ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,10 +26,12 @@ for tool in s3s-fs s3fs curl; do
 done
 
 TMP=$(mktemp -d /dev/shm/grad-bench-datasets.XXXXXX)
-S3_PID=
+S3_PID= GRAD_PID=
 cleanup() {
   set +e
   fusermount3 -u "$TMP/mnt" 2>/dev/null
+  [ -n "$GRAD_PID" ] && kill "$GRAD_PID" 2>/dev/null && wait "$GRAD_PID" 2>/dev/null
+  pkill -f "grad-runner.*$TMP" 2>/dev/null
   [ -n "$S3_PID" ] && kill "$S3_PID" 2>/dev/null
   rm -rf "$TMP"
 }
@@ -100,7 +108,44 @@ m=$(printf '%s\n' "${mount_t[@]}" | median); c=$(printf '%s\n' "${copy_t[@]}" | 
 printf '\n| DuckDB GROUP BY over a %s MB parquet dataset | median s |\n|---|---|\n' "$MB"
 printf '| read through the s3fs mount | %.3f |\n| copy from the mount to local disk, then read | %.3f |\n' "$m" "$c"
 awk -v m="$m" -v c="$c" 'BEGIN { printf "| mount vs copy-first | %.2fx |\n", c / m }'
+
+# --- 3. outputs through grad vs curl ------------------------------------------
+fusermount3 -u "$TMP/mnt"
+mkdir -p "$TMP/s3/grad"
+GRAD_PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$BIN/grad" serve --listen "127.0.0.1:$GRAD_PORT" --data-dir "$TMP/grad" --python "$PYTHON" \
+  --blob-store s3 --s3-bucket grad --s3-endpoint "$ENDPOINT" --s3-path-style --s3-region us-east-1 \
+  2>"$TMP/grad.log" &
+GRAD_PID=$!
+for _ in $(seq 200); do [ -s "$TMP/grad/admin.token" ] && curl -s -o /dev/null "http://127.0.0.1:$GRAD_PORT/healthz" && break; sleep 0.05; done
+export GRAD_SERVER="http://127.0.0.1:$GRAD_PORT" GRAD_TOKEN GRACTL_CONFIG="$TMP/gractl.yaml"
+GRAD_TOKEN=$(cat "$TMP/grad/admin.token")
+gractl() { "$BIN/gractl" "$@"; }
+gractl runner create bench --wait >/dev/null
+OUT="$TMP/grad/runners/admin/bench/workspace/outputs"
+collect_t=() put_t=() pull_t=() get_t=() same_t=()
+for r in $(seq "$ROUNDS"); do
+  head -c "$((SIZE_MB * 1000 * 1000))" /dev/urandom > "$OUT/big.bin"
+  cp "$OUT/big.bin" "$TMP/blob"
+  sync
+  t0=$(now); gractl outputs collect bench >/dev/null; t1=$(now); collect_t+=("$(elapsed "$t0" "$t1")")
+  t0=$(now); curl -sSf -o /dev/null -X PUT "${body[@]}" "${sigv4[@]}" "$ENDPOINT/bench/o$r"; t1=$(now); put_t+=("$(elapsed "$t0" "$t1")")
+  t0=$(now); gractl outputs collect bench >/dev/null; t1=$(now); same_t+=("$(elapsed "$t0" "$t1")")
+  rm -rf "$TMP/pulled"
+  t0=$(now); gractl outputs pull bench "$TMP/pulled" --no-collect >/dev/null; t1=$(now); pull_t+=("$(elapsed "$t0" "$t1")")
+  cmp -s "$OUT/big.bin" "$TMP/pulled/big.bin" || { echo "pulled output differs" >&2; exit 1; }
+  rm -f "$TMP/pulled/big.bin"
+  t0=$(now); curl -sSf -o "$TMP/down" "${sigv4[@]}" "$ENDPOINT/bench/o$r"; t1=$(now); get_t+=("$(elapsed "$t0" "$t1")")
+done
+printf '\n| %s MB output | grad (median s) | curl --aws-sigv4 (median s) | grad speed vs curl |\n|---|---|---|---|\n' "$SIZE_MB"
+row 'gractl outputs collect (hash + PUT + record)' 'collect_t[@]' 'put_t[@]'
+row 'gractl outputs pull (GET + SHA-256 check)' 'pull_t[@]' 'get_t[@]'
+s=$(printf '%s\n' "${same_t[@]}" | median)
+printf '| collect again, nothing changed | %.3f | - | - |\n' "$s"
+
 echo; echo 'All rounds (seconds):'
 echo "    upload: presigned ${up_p[*]} / curl ${up_r[*]}"
 echo "    download: presigned ${down_p[*]} / curl ${down_r[*]}"
 echo "    parquet: mount ${mount_t[*]} / copy-first ${copy_t[*]}"
+echo "    outputs collect: grad ${collect_t[*]} / curl PUT ${put_t[*]}; unchanged ${same_t[*]}"
+echo "    outputs pull: grad ${pull_t[*]} / curl GET ${get_t[*]}"

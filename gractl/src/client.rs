@@ -6,13 +6,14 @@ use std::{error::Error as _, io, sync::Arc, time::Duration};
 
 use grad_proto::{
     AddSshKeyRequest, CollectOutputsRequest, CreateRunnerRequest, DeleteOutputsRequest,
-    DeleteRunnerRequest, DeleteSshKeyRequest, ExecEvent, ExecuteCodeRequest, Execution,
-    GetOutputsRequest, GetRunnerRequest, ListExecutionsRequest, ListOutputsRequest,
-    ListRunnersRequest, ListSshKeysRequest, OutputSet, PauseRunnerRequest, Resources,
-    ResumeRunnerRequest, Runner, RunnerState, SshKey, TestDatasetRequest, TestDatasetResponse,
-    TunnelFrame, User, WaitRunnerRequest, WhoAmIRequest, datasets_client::DatasetsClient,
-    exec_client::ExecClient, outputs_client::OutputsClient, runners_client::RunnersClient,
-    tunnel::TunnelIo, tunnels_client::TunnelsClient, users_client::UsersClient,
+    DeleteRunnerRequest, DeleteSecretRequest, DeleteSshKeyRequest, ExecEvent, ExecuteCodeRequest,
+    Execution, GetOutputsRequest, GetRunnerRequest, ListExecutionsRequest, ListOutputsRequest,
+    ListRunnersRequest, ListSecretsRequest, ListSshKeysRequest, OutputSet, PauseRunnerRequest,
+    Resources, ResumeRunnerRequest, Runner, RunnerState, Secret, SetSecretRequest, SshKey,
+    TestDatasetRequest, TestDatasetResponse, TunnelFrame, User, WaitRunnerRequest, WhoAmIRequest,
+    datasets_client::DatasetsClient, exec_client::ExecClient, outputs_client::OutputsClient,
+    runners_client::RunnersClient, secrets_client::SecretsClient, tunnel::TunnelIo,
+    tunnels_client::TunnelsClient, users_client::UsersClient,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -333,6 +334,39 @@ impl Client {
             .into_inner())
     }
 
+    /// Creates or replaces the caller's secret `name`.
+    pub async fn set_secret(&self, name: &str, value: String) -> Result<Secret, ClientError> {
+        let request = SetSecretRequest {
+            name: name.to_owned(),
+            value,
+        };
+        Ok(self
+            .secrets()
+            .set_secret(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    /// The caller's secrets, without values.
+    pub async fn list_secrets(&self) -> Result<Vec<Secret>, ClientError> {
+        let response = self
+            .secrets()
+            .list_secrets(self.request(ListSecretsRequest {}))
+            .await?;
+        Ok(response.into_inner().secrets)
+    }
+
+    pub async fn delete_secret(&self, name: &str) -> Result<Secret, ClientError> {
+        let request = DeleteSecretRequest {
+            name: name.to_owned(),
+        };
+        Ok(self
+            .secrets()
+            .delete_secret(self.request(request))
+            .await?
+            .into_inner())
+    }
+
     /// Who the token says the caller is.
     pub async fn whoami(&self) -> Result<User, ClientError> {
         Ok(self
@@ -412,6 +446,10 @@ impl Client {
 
     fn users(&self) -> UsersClient<Channel> {
         UsersClient::new(self.channel.clone())
+    }
+
+    fn secrets(&self) -> SecretsClient<Channel> {
+        SecretsClient::new(self.channel.clone())
     }
 
     fn outputs(&self) -> OutputsClient<Channel> {

@@ -197,8 +197,9 @@ impl Dataset {
         Ok(())
     }
 
-    /// Reads the keys the dataset names; `None` for a public bucket. `path`
-    /// (the dataset's file) is named in errors.
+    /// Reads the keys the dataset names; `None` for a public bucket or keys
+    /// in a grad secret (which grad reads). `path` (the dataset's file) is
+    /// named in errors.
     pub fn keys(&self, path: &Path) -> Result<Option<Keys>, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_owned(),
@@ -249,11 +250,13 @@ impl Dataset {
                 ))
             });
         }
-        Err(invalid(
-            "credentials.secret: grad secrets are not available yet; use credentials.env \
-             or credentials.profile"
-                .into(),
-        ))
+        // A grad secret: grad reads it (see `secret`).
+        Ok(None)
+    }
+
+    /// The grad secret holding the keys, if that is where they are.
+    pub fn secret(&self) -> Option<&str> {
+        self.credentials.as_ref()?.secret.as_deref()
     }
 
     /// The dataset as `CreateRunner` carries it, keys included.
@@ -269,6 +272,7 @@ impl Dataset {
                 access_key_id: k.access_key_id,
                 secret_access_key: k.secret_access_key,
             }),
+            credentials_secret: self.secret().unwrap_or_default().to_owned(),
         })
     }
 
@@ -425,7 +429,7 @@ credentials:
     }
 
     #[test]
-    fn a_missing_variable_or_a_grad_secret_is_a_clear_error() {
+    fn a_missing_variable_is_a_clear_error_and_a_grad_secret_travels_by_name() {
         let dataset = parse(
             "name: taxi\ns3:\n  bucket: nyc-taxi\ncredentials:\n  env: { access_key_id: \
              GRACTL_TEST_SURELY_UNSET_AK, secret_access_key: GRACTL_TEST_SURELY_UNSET_SK }\n",
@@ -442,11 +446,12 @@ credentials:
             "{err}"
         );
         let dataset =
-            parse("name: taxi\ns3:\n  bucket: nyc-taxi\ncredentials:\n  secret: s\n").unwrap();
-        let err = dataset
-            .keys(Path::new("/ws/datasets/taxi.yaml"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("grad secrets are not available yet"), "{err}");
+            parse("name: taxi\ns3:\n  bucket: nyc-taxi\ncredentials:\n  secret: taxi-s3\n")
+                .unwrap();
+        let proto = dataset
+            .to_proto(Path::new("/ws/datasets/taxi.yaml"))
+            .unwrap();
+        assert_eq!(proto.credentials, None);
+        assert_eq!(proto.credentials_secret, "taxi-s3");
     }
 }

@@ -378,6 +378,29 @@ pub struct Pulled {
     pub unchanged: Vec<String>,
 }
 
+/// A secret as `gractl secret` shows it: never its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Secret {
+    pub name: String,
+    pub created: Option<String>,
+    pub updated: Option<String>,
+}
+
+impl From<&proto::Secret> for Secret {
+    fn from(secret: &proto::Secret) -> Self {
+        Secret {
+            name: secret.name.clone(),
+            created: rfc3339(secret.create_time.as_ref()),
+            updated: rfc3339(secret.update_time.as_ref()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SecretList {
+    pub secrets: Vec<Secret>,
+}
+
 /// `-o json` for `gractl ssh-config`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SshConfig {

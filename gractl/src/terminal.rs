@@ -1,6 +1,7 @@
 //! The local terminal, for `gractl ssh`'s interactive shells: raw mode
 //! (keys, Ctrl-C included, go to the remote side as typed) restored when
-//! the guard is dropped, and the window size.
+//! the guard is dropped, and the window size; and echo off while a secret
+//! is typed.
 //!
 //! These are the only calls into libc; each is a thin, checked wrapper.
 
@@ -28,6 +29,29 @@ impl RawMode {
 impl Drop for RawMode {
     fn drop(&mut self) {
         // Nothing better to do if the terminal went away meanwhile.
+        let _ = set_attributes(STDIN, &self.saved);
+    }
+}
+
+/// Turns off echo on standard input's terminal until dropped, for typing a
+/// secret; lines are still read whole.
+pub struct NoEcho {
+    saved: libc::termios,
+}
+
+impl NoEcho {
+    pub fn enable() -> io::Result<NoEcho> {
+        let saved = get_attributes(STDIN)?;
+        let mut quiet = saved;
+        quiet.c_lflag &= !libc::ECHO;
+        quiet.c_lflag |= libc::ECHONL;
+        set_attributes(STDIN, &quiet)?;
+        Ok(NoEcho { saved })
+    }
+}
+
+impl Drop for NoEcho {
+    fn drop(&mut self) {
         let _ = set_attributes(STDIN, &self.saved);
     }
 }

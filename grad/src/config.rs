@@ -28,7 +28,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve gRPC and HTTP on one port, with local runners.
-    Serve(Config),
+    Serve(Box<Config>),
     /// Manage users and their tokens (works on the data dir directly).
     #[command(subcommand)]
     User(UserCommand),
@@ -80,6 +80,10 @@ pub struct Config {
     /// A starting runner that has not registered within this long is marked failed.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub start_timeout: Duration,
+    /// The key that seals secrets at rest (at least 32 bytes); it must
+    /// exist. Default: <data-dir>/secrets.key, made at first start.
+    #[arg(long, env = "GRAD_SECRETS_KEY_FILE", value_name = "FILE")]
+    pub secrets_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub blobs: Blobs,
 }

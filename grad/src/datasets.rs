@@ -17,6 +17,7 @@ use crate::{
     },
     error::{Error, Result},
     sealed::Sealer,
+    secrets::Secrets,
     store,
 };
 
@@ -104,6 +105,55 @@ fn validate(dataset: &pb::Dataset) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Datasets whose keys are a grad secret (`credentials_secret`) get them
+/// from `owner_id`'s secret, whose value is `ACCESS_KEY_ID:SECRET_ACCESS_KEY`.
+pub async fn with_secret_keys(
+    mut datasets: Vec<pb::Dataset>,
+    secrets: &Secrets,
+    owner_id: &str,
+) -> Result<Vec<pb::Dataset>> {
+    for dataset in &mut datasets {
+        if dataset.credentials_secret.is_empty() {
+            continue;
+        }
+        let field = format!(
+            "dataset '{}': credentials.secret '{}'",
+            dataset.name, dataset.credentials_secret
+        );
+        if dataset.credentials.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "{field}: give keys or a secret, not both"
+            )));
+        }
+        crate::secrets::validate_name(&dataset.credentials_secret)?;
+        let value = secrets
+            .value(owner_id, &dataset.credentials_secret)
+            .await?
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "{field}: you have no such secret; set it with `gractl secret set {}` \
+                     (value ACCESS_KEY_ID:SECRET_ACCESS_KEY)",
+                    dataset.credentials_secret
+                ))
+            })?;
+        let keys = value
+            .trim()
+            .split_once(':')
+            .filter(|(id, key)| !id.is_empty() && !key.is_empty());
+        let Some((access_key_id, secret_access_key)) = keys else {
+            return Err(Error::FailedPrecondition(format!(
+                "{field}: the secret must hold ACCESS_KEY_ID:SECRET_ACCESS_KEY"
+            )));
+        };
+        dataset.credentials = Some(pb::S3Credentials {
+            access_key_id: access_key_id.to_owned(),
+            secret_access_key: secret_access_key.to_owned(),
+        });
+        dataset.credentials_secret.clear();
+    }
+    Ok(datasets)
 }
 
 /// How many keys a test lists.
@@ -214,6 +264,7 @@ pub fn mount_command(runner: &store::Runner, sealer: &Sealer) -> Result<AgentCom
                 access_key_id: k.access_key_id,
                 secret_access_key: k.secret_access_key,
             }),
+            credentials_secret: String::new(),
         })
         .collect();
     Ok(AgentCommand {
@@ -249,6 +300,7 @@ mod tests {
                 access_key_id: "AK".into(),
                 secret_access_key: "SECRET-KEY".into(),
             }),
+            credentials_secret: String::new(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! store ([`store`]), the runner lifecycle ([`runners`]) on top of runner
 //! backends ([`backend`]), the connected runner agents ([`agents`]) and
 //! execute-code ([`exec`]), runners' collected outputs ([`outputs`]) in the
-//! blob store ([`blobs`]); [`api`] translates gRPC to these, and [`server`]
+//! blob store ([`blobs`]), users' sealed [`secrets`]; [`api`] translates gRPC to these, and [`server`]
 //! serves it all on one port. See ARCHITECTURE.md for the whole picture.
 
 pub mod agents;
@@ -17,6 +17,7 @@ pub mod exec;
 pub mod outputs;
 pub mod runners;
 pub mod sealed;
+pub mod secrets;
 pub mod server;
 pub mod ssh_keys;
 pub mod store;

@@ -23,6 +23,7 @@ use crate::{
     error::{Error, Result},
     lock,
     sealed::Sealer,
+    secrets::Secrets,
     store::{self, Plan, Resources, State, Store, now_ms},
 };
 
@@ -72,6 +73,7 @@ pub struct Runners {
     backend: Arc<dyn Backend>,
     keys: Keys,
     sealer: Sealer,
+    secrets: Secrets,
     agents: Arc<Agents>,
     timing: Timing,
     changed: watch::Sender<u64>,
@@ -160,6 +162,7 @@ impl Runners {
         shutdown: CancellationToken,
     ) -> Arc<Runners> {
         Arc::new(Runners {
+            secrets: Secrets::new(store.clone(), sealer.clone()),
             store,
             backend,
             keys,
@@ -176,6 +179,11 @@ impl Runners {
 
     pub fn timing(&self) -> Timing {
         self.timing
+    }
+
+    /// Users' secrets (what datasets' keys may come from).
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
     }
 
     pub fn agents(&self) -> &Arc<Agents> {
@@ -356,6 +364,7 @@ impl Runners {
         validate_name(name)?;
         let resources = validate_resources(requested, caller.plan)?;
         let id = uuid::Uuid::new_v4().to_string();
+        let datasets = datasets::with_secret_keys(datasets, &self.secrets, &caller.id).await?;
         let (datasets, dataset_credentials) = datasets::accept(datasets, &self.sealer, &id)?;
         let now = now_ms();
         let runner = store::Runner {

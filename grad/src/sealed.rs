@@ -22,8 +22,36 @@ pub struct Sealer {
 }
 
 impl Sealer {
+    /// The key in `path`, made (0600) at first use: the embedded default.
     pub fn load_or_create(path: &Path) -> Result<Sealer> {
-        let key = crate::auth::load_or_create_secret(path, "the secrets key")?;
+        Sealer::new(&crate::auth::load_or_create_secret(
+            path,
+            "the secrets key",
+        )?)
+    }
+
+    /// The key in `path`, which must exist (`--secrets-key-file`): a key
+    /// that vanished must not be replaced by a new one, which would leave
+    /// every sealed secret unreadable.
+    pub fn load(path: &Path) -> Result<Sealer> {
+        let key = std::fs::read(path).map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "--secrets-key-file {}: {e}; make a key with \
+                 `head -c 32 /dev/urandom > {0} && chmod 600 {0}`",
+                path.display()
+            ))
+        })?;
+        if key.len() < 32 {
+            return Err(Error::FailedPrecondition(format!(
+                "--secrets-key-file {}: the key must be at least 32 bytes, not {}",
+                path.display(),
+                key.len()
+            )));
+        }
+        Sealer::new(&key)
+    }
+
+    fn new(key: &[u8]) -> Result<Sealer> {
         let cipher = XChaCha20Poly1305::new_from_slice(&key[..32])
             .map_err(|_| Error::FailedPrecondition("the secrets key is unusable".into()))?;
         Ok(Sealer { cipher })

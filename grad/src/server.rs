@@ -13,7 +13,8 @@ use axum::{http::StatusCode, routing::get};
 use grad_proto::{
     FILE_DESCRIPTOR_SET, datasets_server::DatasetsServer, exec_server::ExecServer,
     outputs_server::OutputsServer, runner_agent_server::RunnerAgentServer,
-    runners_server::RunnersServer, tunnels_server::TunnelsServer, users_server::UsersServer,
+    runners_server::RunnersServer, secrets_server::SecretsServer, tunnels_server::TunnelsServer,
+    users_server::UsersServer,
 };
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -120,6 +121,11 @@ pub async fn serve(
     config: &Config,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    // A key given but missing stops grad before it touches anything.
+    let sealer = match &config.secrets_key_file {
+        Some(path) => Some(Sealer::load(path)?),
+        None => None,
+    };
     let (store, keys) = open(&config.store.data_dir, &config.store.database_url()).await?;
     // Runners work in their own directories: hand them absolute paths.
     let data_dir = absolute(&config.store.data_dir)?;
@@ -164,7 +170,10 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let agents = Arc::new(Agents::default());
-    let sealer = Sealer::load_or_create(&data_dir.join("secrets.key"))?;
+    let sealer = match sealer {
+        Some(sealer) => sealer,
+        None => Sealer::load_or_create(&data_dir.join("secrets.key"))?,
+    };
     let runners = Runners::new(
         store.clone(),
         backend,
@@ -190,6 +199,7 @@ pub async fn serve(
     health.set_serving::<TunnelsServer<Api>>().await;
     health.set_serving::<OutputsServer<Api>>().await;
     health.set_serving::<DatasetsServer<Api>>().await;
+    health.set_serving::<SecretsServer<Api>>().await;
     health.set_serving::<RunnerAgentServer<Api>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -218,6 +228,7 @@ pub async fn serve(
         .add_service(TunnelsServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(OutputsServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(DatasetsServer::with_interceptor(api.clone(), auth.clone()))
+        .add_service(SecretsServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             RunnerAgentServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
             auth.clone(),
@@ -254,6 +265,7 @@ pub async fn serve(
             health.set_not_serving::<TunnelsServer<Api>>().await;
             health.set_not_serving::<OutputsServer<Api>>().await;
             health.set_not_serving::<DatasetsServer<Api>>().await;
+            health.set_not_serving::<SecretsServer<Api>>().await;
             health.set_not_serving::<RunnerAgentServer<Api>>().await;
             agents.close_all();
         }

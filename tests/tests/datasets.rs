@@ -37,6 +37,7 @@ fn dataset(server: &S3Server, name: &str, secret: &str) -> Dataset {
             access_key_id: S3Server::ACCESS_KEY.into(),
             secret_access_key: secret.into(),
         }),
+        credentials_secret: String::new(),
     }
 }
 
@@ -407,11 +408,52 @@ async fn gractl_adds_a_dataset_and_creates_a_runner_with_it() {
         "{shown}"
     );
 
+    // The same bucket with its keys in a grad secret.
+    let mut set = grad
+        .gractl(&grad.admin_token)
+        .args(["secret", "set", "trips-keys"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut set.stdin.take().unwrap(),
+        format!("{}:{}", S3Server::ACCESS_KEY, S3Server::SECRET_KEY).as_bytes(),
+    )
+    .unwrap();
+    assert!(set.wait().unwrap().success());
+    let (code, _, err) = gractl(&[
+        "dataset",
+        "add",
+        "sealed",
+        "--bucket",
+        BUCKET,
+        "--endpoint",
+        &server.endpoint,
+        "--secret",
+        "trips-keys",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let yaml = std::fs::read_to_string(ws.join("datasets/sealed.yaml")).unwrap();
+    assert!(yaml.contains("secret: trips-keys"), "{yaml}");
+    let (code, _, err) = gractl(&["runner", "create", "r3", "--dataset", "sealed", "--wait"]);
+    assert_eq!(code, Some(0), "{err}");
+    wait_for(&grad, "r3", "the mount with keys from a secret", |r| {
+        r.datasets
+            .first()
+            .is_some_and(|d| d.mounted || !d.error.is_empty())
+    })
+    .await;
+    let (_, shown, _) = gractl(&["runner", "get", "r3"]);
+    assert!(
+        shown.contains("sealed: s3://trips/ mounted at data/sealed"),
+        "{shown}"
+    );
+
     // An unknown dataset lists the known ones and creates nothing.
     let (code, _, err) = gractl(&["runner", "create", "r2", "--dataset", "nope"]);
     assert_eq!(code, Some(4), "{err}");
     assert!(
-        err.contains("no dataset 'nope'") && err.contains("known: taxi"),
+        err.contains("no dataset 'nope'") && err.contains("known: sealed, taxi"),
         "{err}"
     );
     let (_, list, _) = gractl(&["runner", "list"]);
@@ -516,4 +558,57 @@ async fn dataset_test_tells_good_keys_from_wrong_ones_and_missing_buckets() {
     let (code, _, err) = gractl(&["dataset", "test", "nowhere"]);
     assert_eq!(code, Some(6), "{err}");
     assert!(err.contains("Unreachable"), "{err}");
+
+    // Keys in a grad secret: named in the file, read by grad.
+    let (code, _, err) = gractl(&[
+        "dataset",
+        "add",
+        "sealed",
+        "--bucket",
+        BUCKET,
+        "--endpoint",
+        &server.endpoint,
+        "--secret",
+        "trips-keys",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = gractl(&["dataset", "test", "sealed"]);
+    assert_eq!(code, Some(5), "{err}");
+    assert!(
+        err.contains("credentials.secret 'trips-keys': you have no such secret")
+            && err.contains("gractl secret set trips-keys"),
+        "{err}"
+    );
+    let set_secret = |value: &str| {
+        let mut child = grad
+            .gractl(&grad.admin_token)
+            .args(["secret", "set", "trips-keys"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(value.as_bytes())
+            .unwrap();
+        assert!(child.wait_with_output().unwrap().status.success());
+    };
+    set_secret("no colon here");
+    let (code, _, err) = gractl(&["dataset", "test", "sealed"]);
+    assert_eq!(code, Some(5), "{err}");
+    assert!(
+        err.contains("must hold ACCESS_KEY_ID:SECRET_ACCESS_KEY"),
+        "{err}"
+    );
+    set_secret(&format!(
+        "{}:{}\n",
+        S3Server::ACCESS_KEY,
+        S3Server::SECRET_KEY
+    ));
+    let (code, out, err) = gractl(&["dataset", "test", "sealed"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("trips.parquet"), "{out}");
 }

@@ -8,6 +8,7 @@ mod execution;
 mod login;
 mod outputs;
 mod runner;
+mod secret;
 mod ssh;
 mod workspace;
 
@@ -96,6 +97,9 @@ pub enum Command {
     /// Collect, list and pull runners' outputs/ (kept after a runner is deleted)
     #[command(subcommand)]
     Outputs(outputs::OutputsCommand),
+    /// Set, list and delete your secrets (values never shown)
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
     /// Print a shell completion script
     Completion {
         #[arg(value_enum)]
@@ -178,6 +182,7 @@ pub async fn run(cli: Cli, environment: Environment) -> anyhow::Result<()> {
         Command::Workspace(command) => workspace::run(&context, command).await,
         Command::Dataset(command) => dataset::run(&context, command).await,
         Command::Outputs(command) => outputs::run(&context, command).await,
+        Command::Secret(command) => secret::run(&context, command).await,
         Command::Completion { shell } => {
             let mut out = io::stdout().lock();
             clap_complete::generate(shell, &mut Cli::command(), "gractl", &mut out);

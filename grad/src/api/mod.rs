@@ -12,7 +12,8 @@ use grad_proto::{
     self as pb, AgentCommand, AgentMessage, ExecEvent, Registered, TunnelFrame,
     agent_command::Command, agent_message::Message, datasets_server::Datasets as DatasetsRpc,
     exec_server::Exec, runner_agent_server::RunnerAgent, runners_server::Runners as RunnersRpc,
-    tunnels_server::Tunnels as TunnelsRpc, users_server::Users,
+    secrets_server::Secrets as SecretsRpc, tunnels_server::Tunnels as TunnelsRpc,
+    users_server::Users,
 };
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -222,9 +223,12 @@ impl DatasetsRpc for Api {
         &self,
         req: Request<pb::TestDatasetRequest>,
     ) -> RpcResult<pb::TestDatasetResponse> {
-        let caller = auth::user(&req)?.name.clone();
+        let caller = auth::user(&req)?.clone();
         let dataset = req.into_inner().dataset.unwrap_or_default();
         let name = dataset.name.clone();
+        let dataset = datasets::with_secret_keys(vec![dataset], self.runners.secrets(), &caller.id)
+            .await?
+            .remove(0);
         let response = match datasets::test(dataset).await? {
             Ok(probe) => pb::TestDatasetResponse {
                 ok: true,
@@ -233,7 +237,7 @@ impl DatasetsRpc for Api {
                 ..Default::default()
             },
             Err(failed) => {
-                tracing::info!(user = %caller, dataset = %name, code = %failed.code, "dataset test failed");
+                tracing::info!(user = %caller.name, dataset = %name, code = %failed.code, "dataset test failed");
                 pb::TestDatasetResponse {
                     ok: false,
                     error_code: failed.code,
@@ -243,6 +247,49 @@ impl DatasetsRpc for Api {
             }
         };
         Ok(Response::new(response))
+    }
+}
+
+fn secret_to_pb(secret: store::Secret) -> pb::Secret {
+    pb::Secret {
+        name: secret.name,
+        create_time: Some(timestamp(secret.created_at)),
+        update_time: Some(timestamp(secret.updated_at)),
+    }
+}
+
+#[tonic::async_trait]
+impl SecretsRpc for Api {
+    async fn set_secret(&self, req: Request<pb::SetSecretRequest>) -> RpcResult<pb::Secret> {
+        let caller = auth::user(&req)?;
+        let msg = req.get_ref();
+        let secret = self
+            .runners
+            .secrets()
+            .set(caller, &msg.name, &msg.value)
+            .await?;
+        Ok(Response::new(secret_to_pb(secret)))
+    }
+
+    async fn list_secrets(
+        &self,
+        req: Request<pb::ListSecretsRequest>,
+    ) -> RpcResult<pb::ListSecretsResponse> {
+        let caller = auth::user(&req)?;
+        let secrets = self.runners.secrets().list(caller).await?;
+        Ok(Response::new(pb::ListSecretsResponse {
+            secrets: secrets.into_iter().map(secret_to_pb).collect(),
+        }))
+    }
+
+    async fn delete_secret(&self, req: Request<pb::DeleteSecretRequest>) -> RpcResult<pb::Secret> {
+        let caller = auth::user(&req)?;
+        let secret = self
+            .runners
+            .secrets()
+            .delete(caller, &req.get_ref().name)
+            .await?;
+        Ok(Response::new(secret_to_pb(secret)))
     }
 }
 

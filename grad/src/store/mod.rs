@@ -1,4 +1,4 @@
-//! The state store: users, runners, executions and outputs in SQL through `sqlx::Any`,
+//! The state store: users, runners, executions, outputs and secrets in SQL through `sqlx::Any`,
 //! so the same queries run on SQLite (the embedded default) and PostgreSQL.
 //! Everything that must survive a grad restart lives here.
 
@@ -12,8 +12,10 @@ use sqlx::{
 use crate::error::{Error, Result};
 
 mod outputs;
+mod secrets;
 
 pub use outputs::{OutputFile, OutputSet};
+pub use secrets::Secret;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

@@ -32,6 +32,8 @@ use tonic::{
 
 /// Files (or parts) uploaded at once.
 const UPLOADS_IN_FLIGHT: usize = 4;
+/// The largest answer from grad (upload URLs for up to 100 000 files).
+const MAX_MESSAGE: usize = 64 << 20;
 /// Times a file that changes while it is hashed is hashed again.
 const HASH_ATTEMPTS: usize = 3;
 
@@ -145,7 +147,8 @@ impl Collector {
         self.save(&index);
 
         let manifest = OutputManifest { files, skipped };
-        let mut agent = RunnerAgentClient::new(channel);
+        // Thousands of new files make an answer of many URLs.
+        let mut agent = RunnerAgentClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
         let plan = agent
             .plan_outputs(authed(&auth, manifest.clone()))
             .await

@@ -263,6 +263,23 @@ impl Grad {
             .expect("run gractl")
     }
 
+    /// Runs `gractl ARGS` with `token`, `input` on its stdin, and waits.
+    pub fn run_with_input(&self, token: &str, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self
+            .gractl(token)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run gractl");
+        if let Some(mut stdin) = child.stdin.take() {
+            // gractl may exit before reading it all; its output says why.
+            let _ = std::io::Write::write_all(&mut stdin, input);
+        }
+        child.wait_with_output().expect("wait for gractl")
+    }
+
     /// The local workspace of `owner`'s runner `name`.
     pub fn workspace(&self, owner: &str, name: &str) -> PathBuf {
         self.data_dir

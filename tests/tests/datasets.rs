@@ -265,6 +265,26 @@ async fn a_dataset_is_mounted_read_only_and_duckdb_reads_it() {
     );
 }
 
+/// `gractl ARGS` in workspace `ws` as the admin, with the test server's
+/// keys (and a wrong secret key) in environment variables.
+fn in_workspace(grad: &Grad, ws: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = grad
+        .gractl(&grad.admin_token)
+        .arg("--workspace")
+        .arg(ws)
+        .args(args)
+        .env("TAXI_AK", S3Server::ACCESS_KEY)
+        .env("TAXI_SK", S3Server::SECRET_KEY)
+        .env("WRONG_SK", "not-the-secret")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The runners and s3fs processes working below `dir`.
 fn processes_under(dir: &Path) -> Vec<u32> {
     let needle = dir.to_string_lossy().into_owned();
@@ -345,22 +365,7 @@ async fn gractl_adds_a_dataset_and_creates_a_runner_with_it() {
     let grad = Grad::start();
     let tmp = tempfile::tempdir().unwrap();
     let ws = tmp.path().join("ws");
-    let gractl = |args: &[&str]| {
-        let out = grad
-            .gractl(&grad.admin_token)
-            .arg("--workspace")
-            .arg(&ws)
-            .args(args)
-            .env("TAXI_AK", S3Server::ACCESS_KEY)
-            .env("TAXI_SK", S3Server::SECRET_KEY)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let gractl = |args: &[&str]| in_workspace(&grad, &ws, args);
     let init = grad
         .gractl(&grad.admin_token)
         .args(["workspace", "init"])
@@ -409,18 +414,17 @@ async fn gractl_adds_a_dataset_and_creates_a_runner_with_it() {
     );
 
     // The same bucket with its keys in a grad secret.
-    let mut set = grad
-        .gractl(&grad.admin_token)
-        .args(["secret", "set", "trips-keys"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(
-        &mut set.stdin.take().unwrap(),
-        format!("{}:{}", S3Server::ACCESS_KEY, S3Server::SECRET_KEY).as_bytes(),
-    )
-    .unwrap();
-    assert!(set.wait().unwrap().success());
+    let keys = format!("{}:{}", S3Server::ACCESS_KEY, S3Server::SECRET_KEY);
+    let set = grad.run_with_input(
+        &grad.admin_token,
+        &["secret", "set", "trips-keys"],
+        keys.as_bytes(),
+    );
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
     let (code, _, err) = gractl(&[
         "dataset",
         "add",
@@ -486,23 +490,7 @@ async fn dataset_test_tells_good_keys_from_wrong_ones_and_missing_buckets() {
     upload_parquet(&server, tmp.path()).await;
     let grad = Grad::start();
     let ws = tmp.path().join("ws");
-    let gractl = |args: &[&str]| {
-        let out = grad
-            .gractl(&grad.admin_token)
-            .arg("--workspace")
-            .arg(&ws)
-            .args(args)
-            .env("TAXI_AK", S3Server::ACCESS_KEY)
-            .env("TAXI_SK", S3Server::SECRET_KEY)
-            .env("WRONG_SK", "not-the-secret")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let gractl = |args: &[&str]| in_workspace(&grad, &ws, args);
     assert_eq!(
         gractl(&["workspace", "init", ws.to_str().unwrap()]).0,
         Some(0)
@@ -580,21 +568,12 @@ async fn dataset_test_tells_good_keys_from_wrong_ones_and_missing_buckets() {
         "{err}"
     );
     let set_secret = |value: &str| {
-        let mut child = grad
-            .gractl(&grad.admin_token)
-            .args(["secret", "set", "trips-keys"])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(value.as_bytes())
-            .unwrap();
-        assert!(child.wait_with_output().unwrap().status.success());
+        let set = grad.run_with_input(
+            &grad.admin_token,
+            &["secret", "set", "trips-keys"],
+            value.as_bytes(),
+        );
+        assert!(set.status.success());
     };
     set_secret("no colon here");
     let (code, _, err) = gractl(&["dataset", "test", "sealed"]);

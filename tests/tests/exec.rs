@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -316,20 +316,11 @@ async fn code_comes_from_a_file_or_stdin_and_runs_in_the_code_directory() {
         format!("{:?}", code_dir.display().to_string()).replace('"', "'")
     );
 
-    let mut child = grad
-        .gractl(&grad.admin_token)
-        .args(["execute-code", "-r", "r1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"print('from stdin')")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = grad.run_with_input(
+        &grad.admin_token,
+        &["execute-code", "-r", "r1"],
+        b"print('from stdin')",
+    );
     assert!(out.status.success());
     assert_eq!(out.stdout_str().trim(), "from stdin");
 }

@@ -4,10 +4,7 @@
 //! grad at start.
 #![allow(clippy::unwrap_used)]
 
-use std::{
-    io::Write,
-    process::{Command, Output, Stdio},
-};
+use std::process::{Command, Output};
 
 use grad_tests::{Grad, OutputExt, bin};
 use serde_json::Value;
@@ -15,21 +12,7 @@ use serde_json::Value;
 const VALUE: &str = "AKIDEXAMPLE:wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY";
 
 fn set(grad: &Grad, token: &str, name: &str, value: &str) -> Output {
-    let mut child = grad
-        .gractl(token)
-        .args(["secret", "set", name])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(value.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    grad.run_with_input(token, &["secret", "set", name], value.as_bytes())
 }
 
 fn json(out: &Output) -> Value {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: grad end to end on the embedded default. Prepares a Python
 # environment with pandas and DuckDB, starts grad with a fresh data dir,
-# creates a runner, runs a pandas + DuckDB snippet twice (state kept), shows
-# pause/resume/delete, and stops grad.
+# creates a runner, runs a pandas + DuckDB snippet twice (state kept), pulls
+# its outputs, shows pause/resume/delete, and stops grad.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,10 +73,16 @@ int(sales.amount.sum()) * params["k"]
 step "Machine-readable output for programs and AI agents"
 run "$G" execute-code -r demo -o json --code 'sales.amount.max()'
 
-step "Pause (files kept), resume, delete"
+step "Outputs: what the runner writes to outputs/ is collected and pulled back"
+run "$G" execute-code -r demo --code 'sales.to_csv("../outputs/sales.csv", index=False)'
+run "$G" outputs pull demo "$DATA/results"
+run head -3 "$DATA/results/sales.csv"
+
+step "Pause (files kept), resume, delete (outputs stay pullable)"
 run "$G" runner pause demo --wait
 run "$G" runner resume demo --wait
 run "$G" runner delete demo --wait
+run "$G" outputs list
 
 step "Stop grad"
 cleanup

@@ -14,6 +14,7 @@ const FILES: &[&str] = &[
     "proto/grad/v1/outputs.proto",
     "proto/grad/v1/datasets.proto",
     "proto/grad/v1/secrets.proto",
+    "proto/grad/v1/jobs.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -9,6 +9,7 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("grad_descriptor");
 }
 
+pub mod log_archive;
 pub mod tunnel;
 
 pub use v1::*;

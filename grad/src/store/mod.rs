@@ -2,7 +2,7 @@
 //! so the same queries run on SQLite (the embedded default) and PostgreSQL.
 //! Everything that must survive a grad restart lives here.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::{str::FromStr, time::Duration};
 
 use sqlx::{
     AnyPool, Executor, Row,
@@ -122,12 +122,12 @@ macro_rules! text_enum {
                 match self { $($ty::$variant => $text),+ }
             }
         }
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(self.as_str())
             }
         }
-        impl FromStr for $ty {
+        impl ::std::str::FromStr for $ty {
             type Err = String;
             fn from_str(s: &str) -> std::result::Result<Self, String> {
                 match s {
@@ -141,6 +141,11 @@ macro_rules! text_enum {
         }
     };
 }
+
+// After the macro: the modules below use it.
+mod jobs;
+
+pub use jobs::{Attempt, Job, JobState, LogLine, Worker};
 
 text_enum!(Role { Admin => "admin", User => "user" });
 text_enum!(Plan { Free => "free", Pro => "pro" });

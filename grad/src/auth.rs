@@ -19,6 +19,7 @@ use crate::{
 pub enum Caller {
     User(UserCaller),
     Runner { runner_id: String, token_id: String },
+    Worker { worker_id: String, token_id: String },
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +128,22 @@ impl Keys {
         })
     }
 
+    /// A token for a standing worker (`grad-runner agent`); revoked by
+    /// deleting the worker.
+    pub fn issue_worker(&self, worker_id: &str, token_id: &str) -> Result<String> {
+        let now = unix_now();
+        self.sign(&Claims {
+            sub: worker_id.to_string(),
+            kind: "worker".into(),
+            name: None,
+            role: None,
+            plan: None,
+            jti: token_id.to_string(),
+            iat: now,
+            exp: now + RUNNER_TOKEN_TTL.as_secs(),
+        })
+    }
+
     pub fn verify(&self, token: &str) -> Result<Caller, Status> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
@@ -155,6 +172,10 @@ impl Keys {
             }
             "runner" => Ok(Caller::Runner {
                 runner_id: c.sub,
+                token_id: c.jti,
+            }),
+            "worker" => Ok(Caller::Worker {
+                worker_id: c.sub,
                 token_id: c.jti,
             }),
             other => Err(Status::unauthenticated(format!(
@@ -227,8 +248,8 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn user<T>(req: &Request<T>) -> Result<&UserCaller, Status> {
     match req.extensions().get::<Caller>() {
         Some(Caller::User(user)) => Ok(user),
-        Some(Caller::Runner { .. }) => Err(Status::permission_denied(
-            "runner tokens cannot call user methods",
+        Some(Caller::Runner { .. } | Caller::Worker { .. }) => Err(Status::permission_denied(
+            "runner and worker tokens cannot call user methods",
         )),
         None => Err(Status::unauthenticated("missing token")),
     }

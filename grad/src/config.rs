@@ -80,6 +80,10 @@ pub struct Config {
     /// A starting runner that has not registered within this long is marked failed.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub start_timeout: Duration,
+    /// A job attempt whose worker does not renew its lease for this long is
+    /// lost (queued again, or failed once its retries are used up).
+    #[arg(long, env = "GRAD_JOB_LEASE", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub job_lease: Duration,
     /// The key that seals secrets at rest (at least 32 bytes); it must
     /// exist. Default: <data-dir>/secrets.key, made at first start.
     #[arg(long, env = "GRAD_SECRETS_KEY_FILE", value_name = "FILE")]
@@ -159,6 +163,9 @@ impl Config {
                 humantime::format_duration(self.heartbeat_timeout),
                 humantime::format_duration(self.heartbeat_interval)
             ));
+        }
+        if self.job_lease < Duration::from_millis(300) {
+            return Err("--job-lease must be at least 300ms".into());
         }
         if self.heartbeat_interval < Duration::from_millis(10) {
             return Err("--heartbeat-interval must be at least 10ms".into());

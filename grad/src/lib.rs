@@ -1,7 +1,7 @@
 //! grad: the control plane. It owns users and tokens ([`auth`]), the state
 //! store ([`store`]), the runner lifecycle ([`runners`]) on top of runner
 //! backends ([`backend`]), the connected runner agents ([`agents`]) and
-//! execute-code ([`exec`]), runners' collected outputs ([`outputs`]) in the
+//! execute-code ([`exec`]), batch [`jobs`] and their workers, runners' collected outputs ([`outputs`]) in the
 //! blob store ([`blobs`]), users' sealed [`secrets`]; [`api`] translates gRPC to these, and [`server`]
 //! serves it all on one port. See ARCHITECTURE.md for the whole picture.
 
@@ -14,6 +14,7 @@ pub mod config;
 pub mod datasets;
 pub mod error;
 pub mod exec;
+pub mod jobs;
 pub mod outputs;
 pub mod runners;
 pub mod sealed;

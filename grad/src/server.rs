@@ -12,9 +12,10 @@ use std::{
 use axum::{http::StatusCode, routing::get};
 use grad_proto::{
     FILE_DESCRIPTOR_SET, datasets_server::DatasetsServer, exec_server::ExecServer,
-    outputs_server::OutputsServer, runner_agent_server::RunnerAgentServer,
+    jobs_server::JobsServer, outputs_server::OutputsServer, runner_agent_server::RunnerAgentServer,
     runners_server::RunnersServer, secrets_server::SecretsServer, tunnels_server::TunnelsServer,
-    users_server::UsersServer,
+    users_server::UsersServer, worker_agent_server::WorkerAgentServer,
+    workers_server::WorkersServer,
 };
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -28,6 +29,7 @@ use crate::{
     blobs::{BlobStore, DirStore, S3Store, s3},
     config::{BlobStoreKind, Config},
     error::{Error, Result},
+    jobs::{Jobs, Workers},
     outputs::Outputs,
     runners::{Runners, Timing},
     sealed::Sealer,
@@ -200,6 +202,9 @@ pub async fn serve(
     health.set_serving::<OutputsServer<Api>>().await;
     health.set_serving::<DatasetsServer<Api>>().await;
     health.set_serving::<SecretsServer<Api>>().await;
+    health.set_serving::<WorkerAgentServer<Api>>().await;
+    health.set_serving::<WorkersServer<Api>>().await;
+    health.set_serving::<JobsServer<Api>>().await;
     health.set_serving::<RunnerAgentServer<Api>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -212,11 +217,23 @@ pub async fn serve(
         runners.clone(),
         config.blobs.s3_multipart_threshold,
     );
+    let jobs = Jobs::new(
+        store.clone(),
+        blobs.clone(),
+        runners.secrets().clone(),
+        crate::jobs::Timing {
+            lease: config.job_lease,
+        },
+        shutdown.clone(),
+    );
+    tracker.spawn(jobs.clone().run_monitor());
     let api = Api {
         runners: runners.clone(),
         tunnels: Arc::new(Tunnels::default()),
         blobs,
         outputs,
+        jobs,
+        workers: Workers::new(store.clone(), keys.clone()),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     };
@@ -229,6 +246,12 @@ pub async fn serve(
         .add_service(OutputsServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(DatasetsServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(SecretsServer::with_interceptor(api.clone(), auth.clone()))
+        .add_service(JobsServer::with_interceptor(api.clone(), auth.clone()))
+        .add_service(WorkersServer::with_interceptor(api.clone(), auth.clone()))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            WorkerAgentServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            auth.clone(),
+        ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             RunnerAgentServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
             auth.clone(),
@@ -266,6 +289,9 @@ pub async fn serve(
             health.set_not_serving::<OutputsServer<Api>>().await;
             health.set_not_serving::<DatasetsServer<Api>>().await;
             health.set_not_serving::<SecretsServer<Api>>().await;
+            health.set_not_serving::<WorkerAgentServer<Api>>().await;
+            health.set_not_serving::<WorkersServer<Api>>().await;
+            health.set_not_serving::<JobsServer<Api>>().await;
             health.set_not_serving::<RunnerAgentServer<Api>>().await;
             agents.close_all();
         }

@@ -23,6 +23,7 @@ use tokio_util::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
+mod jobs;
 mod outputs;
 
 use crate::{
@@ -42,6 +43,8 @@ pub struct Api {
     pub tunnels: Arc<Tunnels>,
     pub blobs: Arc<dyn BlobStore>,
     pub outputs: Arc<Outputs>,
+    pub jobs: Arc<crate::jobs::Jobs>,
+    pub workers: crate::jobs::Workers,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }

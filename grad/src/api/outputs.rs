@@ -15,24 +15,7 @@ use crate::{
 };
 
 pub(super) fn presigned_to_pb(p: &Presigned) -> pb::PresignedRequest {
-    let expires_ms = p
-        .expires_at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default();
-    pb::PresignedRequest {
-        method: p.method.as_str().to_owned(),
-        url: p.url.clone(),
-        headers: p
-            .headers
-            .iter()
-            .map(|(name, value)| pb::Header {
-                name: name.clone(),
-                value: value.clone(),
-            })
-            .collect(),
-        expire_time: Some(timestamp(expires_ms)),
-    }
+    p.into()
 }
 
 pub(super) fn upload_to_pb(upload: Upload) -> pb::BlobUpload {

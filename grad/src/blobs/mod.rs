@@ -126,6 +126,32 @@ pub struct Presigned {
     pub expires_at: SystemTime,
 }
 
+impl From<&Presigned> for grad_proto::PresignedRequest {
+    fn from(p: &Presigned) -> grad_proto::PresignedRequest {
+        let expires_ms = p
+            .expires_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        grad_proto::PresignedRequest {
+            method: p.method.as_str().to_owned(),
+            url: p.url.clone(),
+            headers: p
+                .headers
+                .iter()
+                .map(|(name, value)| grad_proto::Header {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            expire_time: Some(prost_types::Timestamp {
+                seconds: expires_ms.div_euclid(1000),
+                nanos: (expires_ms.rem_euclid(1000) * 1_000_000) as i32,
+            }),
+        }
+    }
+}
+
 /// An upload in parts (S3 takes at most 5 GiB in one PUT): one presigned
 /// PUT per part, in order (part numbers start at 1), then
 /// [`BlobStore::complete_multipart`] with the ETag each PUT answered.

@@ -213,12 +213,10 @@ impl Store {
                 .await?
             }
             None => {
-                sqlx::query(&format!(
-                    "{base} ORDER BY j.created_at DESC, j.id LIMIT $1"
-                ))
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await?
+                sqlx::query(&format!("{base} ORDER BY j.created_at DESC, j.id LIMIT $1"))
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?
             }
         };
         rows.iter().map(job_from_row).collect()

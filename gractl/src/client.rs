@@ -367,6 +367,148 @@ impl Client {
             .into_inner())
     }
 
+    /// Where to upload a bundle (None: grad has it already).
+    pub async fn create_upload(
+        &self,
+        sha256: &str,
+        size: u64,
+    ) -> Result<Option<grad_proto::PresignedRequest>, ClientError> {
+        let request = grad_proto::CreateUploadRequest {
+            sha256: sha256.to_owned(),
+            size,
+        };
+        Ok(self
+            .jobs()
+            .create_upload(self.request(request))
+            .await?
+            .into_inner()
+            .upload)
+    }
+
+    pub async fn submit_job(
+        &self,
+        spec: grad_proto::JobSpec,
+        bundle_sha256: &str,
+    ) -> Result<grad_proto::Job, ClientError> {
+        let request = grad_proto::SubmitJobRequest {
+            spec: Some(spec),
+            bundle_sha256: bundle_sha256.to_owned(),
+        };
+        Ok(self
+            .jobs()
+            .submit_job(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<grad_proto::Job, ClientError> {
+        let request = grad_proto::GetJobRequest { id: id.to_owned() };
+        Ok(self.jobs().get_job(self.request(request)).await?.into_inner())
+    }
+
+    pub async fn list_jobs(
+        &self,
+        all_users: bool,
+        limit: u32,
+    ) -> Result<Vec<grad_proto::Job>, ClientError> {
+        let request = grad_proto::ListJobsRequest { all_users, limit };
+        Ok(self
+            .jobs()
+            .list_jobs(self.request(request))
+            .await?
+            .into_inner()
+            .jobs)
+    }
+
+    pub async fn cancel_job(&self, id: &str) -> Result<grad_proto::Job, ClientError> {
+        let request = grad_proto::CancelJobRequest { id: id.to_owned() };
+        Ok(self
+            .jobs()
+            .cancel_job(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until the job has ended; past `timeout` grad answers DEADLINE_EXCEEDED.
+    pub async fn wait_job(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<grad_proto::Job, ClientError> {
+        let request = grad_proto::WaitJobRequest {
+            id: id.to_owned(),
+            timeout_ms: millis(timeout),
+        };
+        let mut jobs = self.jobs();
+        let call = jobs.wait_job(self.request(request));
+        match tokio::time::timeout(timeout.saturating_add(WAIT_GRACE), call).await {
+            Ok(response) => Ok(response?.into_inner()),
+            Err(_) => Err(ClientError::Status(Status::deadline_exceeded(format!(
+                "timed out after {}s waiting for job {id}",
+                timeout.as_secs()
+            )))),
+        }
+    }
+
+    /// The job's log from after `after_seq`, following it with `follow`.
+    pub async fn stream_logs(
+        &self,
+        id: &str,
+        after_seq: u64,
+        follow: bool,
+    ) -> Result<Streaming<grad_proto::LogChunk>, ClientError> {
+        let request = grad_proto::StreamLogsRequest {
+            id: id.to_owned(),
+            after_seq,
+            follow,
+        };
+        Ok(self
+            .jobs()
+            .stream_logs(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    /// Registers a worker; answers it and its token.
+    pub async fn create_worker(
+        &self,
+        name: &str,
+        labels: std::collections::HashMap<String, String>,
+        shared: bool,
+    ) -> Result<grad_proto::CreateWorkerResponse, ClientError> {
+        let request = grad_proto::CreateWorkerRequest {
+            name: name.to_owned(),
+            labels,
+            shared,
+        };
+        Ok(self
+            .workers()
+            .create_worker(self.request(request))
+            .await?
+            .into_inner())
+    }
+
+    pub async fn list_workers(&self) -> Result<Vec<grad_proto::Worker>, ClientError> {
+        let request = grad_proto::ListWorkersRequest {};
+        Ok(self
+            .workers()
+            .list_workers(self.request(request))
+            .await?
+            .into_inner()
+            .workers)
+    }
+
+    pub async fn delete_worker(&self, name: &str) -> Result<grad_proto::Worker, ClientError> {
+        let request = grad_proto::DeleteWorkerRequest {
+            name: name.to_owned(),
+        };
+        Ok(self
+            .workers()
+            .delete_worker(self.request(request))
+            .await?
+            .into_inner())
+    }
+
     /// Who the token says the caller is.
     pub async fn whoami(&self) -> Result<User, ClientError> {
         Ok(self
@@ -446,6 +588,15 @@ impl Client {
 
     fn users(&self) -> UsersClient<Channel> {
         UsersClient::new(self.channel.clone())
+    }
+
+    fn jobs(&self) -> grad_proto::jobs_client::JobsClient<Channel> {
+        grad_proto::jobs_client::JobsClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn workers(&self) -> grad_proto::workers_client::WorkersClient<Channel> {
+        grad_proto::workers_client::WorkersClient::new(self.channel.clone())
     }
 
     fn secrets(&self) -> SecretsClient<Channel> {

@@ -22,6 +22,7 @@ Exit codes:
        interpreter, interpreter died)
     7  timeout: --timeout or a --wait deadline passed
     8  the executed code raised an exception (execution status \"error\")
+    9  the job failed or was cancelled (`job wait`, `job submit --wait`)
   130  interrupted (Ctrl-C, or the execution was cancelled)
 
 `gractl ssh RUNNER -- COMMAND` exits with COMMAND's status (128+N if signal N
@@ -46,6 +47,7 @@ pub enum Code {
     Unavailable = 6,
     Timeout = 7,
     CodeRaised = 8,
+    JobFailed = 9,
     Interrupted = 130,
 }
 
@@ -61,6 +63,7 @@ impl Code {
             Code::Unavailable => "unavailable",
             Code::Timeout => "timeout",
             Code::CodeRaised => "code_raised",
+            Code::JobFailed => "job_failed",
             Code::Interrupted => "interrupted",
         }
     }
@@ -169,6 +172,15 @@ impl Code {
             }
             if let Some(error) = cause.downcast_ref::<outputs::Error>() {
                 return Code::from_outputs_error(error);
+            }
+            if cause.downcast_ref::<grad_transfer::Error>().is_some() {
+                return Code::Unavailable;
+            }
+            if let Some(error) = cause.downcast_ref::<grad_bundle::Error>() {
+                return match error {
+                    grad_bundle::Error::Ignore(_) => Code::Usage,
+                    _ => Code::Internal,
+                };
             }
             if let Some(status) = cause.downcast_ref::<tonic::Status>() {
                 return Code::from_status(status.code());

@@ -17,6 +17,7 @@ pub mod client;
 pub mod config;
 pub mod dataset;
 pub mod exit;
+pub mod job;
 pub mod output;
 pub mod outputs;
 pub mod quantity;

@@ -378,6 +378,145 @@ pub struct Pulled {
     pub unchanged: Vec<String>,
 }
 
+/// `JOB_STATE_RUNNING` → `running`.
+pub fn job_state(state: proto::JobState) -> String {
+    state
+        .as_str_name()
+        .trim_start_matches("JOB_STATE_")
+        .to_lowercase()
+}
+
+/// A job as `gractl job` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Job {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: String,
+    /// Why it is in its state ("exit code 1", "cancelled by alice", ...).
+    pub reason: String,
+    pub exit_code: Option<i32>,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub worker: String,
+    pub command: String,
+    pub image: String,
+    pub gpus: u32,
+    pub bundle_sha256: String,
+    pub created: Option<String>,
+    pub started: Option<String>,
+    pub finished: Option<String>,
+}
+
+impl From<&proto::Job> for Job {
+    fn from(job: &proto::Job) -> Self {
+        let spec = job.spec.clone().unwrap_or_default();
+        Job {
+            id: job.id.clone(),
+            name: spec.name,
+            owner: job.owner.clone(),
+            state: job_state(job.state()),
+            reason: job.reason.clone(),
+            exit_code: job.exit_code,
+            attempt: job.attempt,
+            max_attempts: job.max_attempts,
+            worker: job.worker.clone(),
+            command: spec.command,
+            image: spec.image,
+            gpus: spec.gpus,
+            bundle_sha256: job.bundle_sha256.clone(),
+            created: rfc3339(job.create_time.as_ref()),
+            started: rfc3339(job.start_time.as_ref()),
+            finished: rfc3339(job.finish_time.as_ref()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+}
+
+/// `-o json` for `gractl job submit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Submitted {
+    pub job: Job,
+    /// The bundle: files, unpacked bytes, compressed size and digest.
+    pub bundle_files: u64,
+    pub bundle_bytes: u64,
+    pub bundle_size: u64,
+    /// 0 when grad already had this bundle.
+    pub uploaded_bytes: u64,
+    /// Left out of the bundle, with why (symbolic links, special files).
+    pub skipped: Vec<String>,
+}
+
+/// One log line (`gractl job logs -o ndjson`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogLine {
+    pub seq: u64,
+    pub time: Option<String>,
+    /// `stdout` or `stderr`.
+    pub stream: &'static str,
+    pub text: String,
+}
+
+impl From<&proto::LogLine> for LogLine {
+    fn from(line: &proto::LogLine) -> Self {
+        LogLine {
+            seq: line.seq,
+            time: rfc3339(line.time.as_ref()),
+            stream: match line.stream() {
+                proto::LogStream::Stderr => "stderr",
+                _ => "stdout",
+            },
+            text: line.text.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogLines {
+    pub lines: Vec<LogLine>,
+}
+
+/// A worker as `gractl worker` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Worker {
+    pub name: String,
+    pub owner: String,
+    pub shared: bool,
+    pub labels: BTreeMap<String, String>,
+    pub created: Option<String>,
+    pub last_seen: Option<String>,
+}
+
+impl From<&proto::Worker> for Worker {
+    fn from(worker: &proto::Worker) -> Self {
+        Worker {
+            name: worker.name.clone(),
+            owner: worker.owner.clone(),
+            shared: worker.shared,
+            labels: worker.labels.clone().into_iter().collect(),
+            created: rfc3339(worker.create_time.as_ref()),
+            last_seen: rfc3339(worker.last_seen_time.as_ref()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkerList {
+    pub workers: Vec<Worker>,
+}
+
+/// `-o json` for `gractl worker create`: the token is shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkerCreated {
+    pub worker: Worker,
+    pub token: String,
+}
+
 /// A secret as `gractl secret` shows it: never its value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Secret {

@@ -5,10 +5,12 @@ mod cp;
 mod dataset;
 mod execute;
 mod execution;
+mod job;
 mod login;
 mod outputs;
 mod runner;
 mod secret;
+mod worker;
 mod ssh;
 mod workspace;
 
@@ -100,6 +102,12 @@ pub enum Command {
     /// Set, list and delete your secrets (values never shown)
     #[command(subcommand)]
     Secret(secret::SecretCommand),
+    /// Submit batch jobs and follow them: submit, list, get, cancel, wait, logs
+    #[command(subcommand)]
+    Job(job::JobCommand),
+    /// Register the machines that run your jobs (grad-runner agent)
+    #[command(subcommand)]
+    Worker(worker::WorkerCommand),
     /// Print a shell completion script
     Completion {
         #[arg(value_enum)]
@@ -183,6 +191,8 @@ pub async fn run(cli: Cli, environment: Environment) -> anyhow::Result<()> {
         Command::Dataset(command) => dataset::run(&context, command).await,
         Command::Outputs(command) => outputs::run(&context, command).await,
         Command::Secret(command) => secret::run(&context, command).await,
+        Command::Job(command) => job::run(&context, command).await,
+        Command::Worker(command) => worker::run(&context, command).await,
         Command::Completion { shell } => {
             let mut out = io::stdout().lock();
             clap_complete::generate(shell, &mut Cli::command(), "gractl", &mut out);

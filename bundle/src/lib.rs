@@ -113,7 +113,9 @@ pub fn create(dir: &Path, out: impl Write) -> Result<Made, Error> {
         hasher: sha2::Sha256::new(),
         size: 0,
     };
-    let gz = GzBuilder::new().mtime(0).write(hashing, Compression::default());
+    let gz = GzBuilder::new()
+        .mtime(0)
+        .write(hashing, Compression::default());
     let mut tar = tar::Builder::new(gz);
     let mut summary = Summary::default();
     for entry in walk.build() {
@@ -316,10 +318,20 @@ mod tests {
         let made = create(dir.path(), &mut out).unwrap();
         assert_eq!(
             names(&out),
-            [".gitignore", "run.sh", "src/", "src/.gradignore", "src/model.py", "train.py"]
+            [
+                ".gitignore",
+                "run.sh",
+                "src/",
+                "src/.gradignore",
+                "src/model.py",
+                "train.py"
+            ]
         );
         assert_eq!(made.summary.files, 5);
-        assert_eq!(made.summary.skipped, ["link: a symbolic link (not bundled)"]);
+        assert_eq!(
+            made.summary.skipped,
+            ["link: a symbolic link (not bundled)"]
+        );
         assert_eq!(made.size, out.len() as u64);
         assert_eq!(made.sha256, hex::encode(sha2::Sha256::digest(&out)));
     }

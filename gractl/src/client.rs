@@ -403,7 +403,11 @@ impl Client {
 
     pub async fn get_job(&self, id: &str) -> Result<grad_proto::Job, ClientError> {
         let request = grad_proto::GetJobRequest { id: id.to_owned() };
-        Ok(self.jobs().get_job(self.request(request)).await?.into_inner())
+        Ok(self
+            .jobs()
+            .get_job(self.request(request))
+            .await?
+            .into_inner())
     }
 
     pub async fn list_jobs(

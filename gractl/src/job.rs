@@ -133,12 +133,13 @@ impl<'de> Deserialize<'de> for Timeout {
 
 /// The first line (1-based) where `key:` starts, for errors about a field.
 fn line_of(text: &str, key: &str) -> Option<usize> {
-    text.lines().position(|line| {
-        let line = line.trim_start();
-        line.strip_prefix(key)
-            .is_some_and(|rest| rest.trim_start().starts_with(':'))
-    })
-    .map(|i| i + 1)
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start();
+            line.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .map(|i| i + 1)
 }
 
 fn env_name(name: &str) -> bool {
@@ -324,7 +325,10 @@ mod tests {
         let err = parse("name: train\ncommand: x\ntimeout: soon\n").unwrap_err();
         assert!(err.contains("line 3") && err.contains("timeout"), "{err}");
         let err = parse("name: Train\ncommand: x\n").unwrap_err();
-        assert!(err.starts_with("/p/job.yaml: line 1: name: 'Train'"), "{err}");
+        assert!(
+            err.starts_with("/p/job.yaml: line 1: name: 'Train'"),
+            "{err}"
+        );
         let err = parse("name: t\ncommand: \"\"\n").unwrap_err();
         assert!(err.contains("line 2: command:"), "{err}");
         let err = parse("name: t\ncommand: x\ngpu: true\ngpus: 2\n").unwrap_err();

@@ -122,7 +122,9 @@ pub(super) async fn run(context: &Context, command: JobCommand) -> anyhow::Resul
                 follow_logs(context, &client, &job.id).await?;
             }
             if args.wait || args.follow {
-                let job = client.wait_job(&job.id, Duration::from_secs(365 * 24 * 3600)).await?;
+                let job = client
+                    .wait_job(&job.id, Duration::from_secs(365 * 24 * 3600))
+                    .await?;
                 return ended(context, &job, args.follow);
             }
         }
@@ -187,10 +189,8 @@ async fn submit_job(
     let bundle = tempfile::NamedTempFile::new()?;
     let made = {
         let (dir, file) = (dir.clone(), bundle.reopen()?);
-        tokio::task::spawn_blocking(move || {
-            grad_bundle::create(&dir, io::BufWriter::new(file))
-        })
-        .await??
+        tokio::task::spawn_blocking(move || grad_bundle::create(&dir, io::BufWriter::new(file)))
+            .await??
     };
     let uploaded = match client.create_upload(&made.sha256, made.size).await? {
         Some(upload) => {
@@ -353,7 +353,10 @@ impl Printer<'_> {
                 continue;
             }
             let line = grad_proto::log_archive::decode(&text).map_err(|e| {
-                Failure::new(Code::Internal, format!("attempt {}'s log: {e}", archive.attempt))
+                Failure::new(
+                    Code::Internal,
+                    format!("attempt {}'s log: {e}", archive.attempt),
+                )
             })?;
             self.line(&line)?;
         }
@@ -427,7 +430,11 @@ fn print_jobs(out: &mut impl Write, jobs: &[Job], all: bool) -> io::Result<()> {
     }
     let mut table = Table::new(&header);
     for job in jobs {
-        let name = job.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+        let name = job
+            .spec
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
         let mut row = vec![
             job.id.clone(),
             name,
@@ -455,7 +462,9 @@ fn print_job(context: &Context, out: &mut impl Write, job: &Job) -> io::Result<(
             let spec = job.spec.clone().unwrap_or_default();
             let or_dash = |s: String| if s.is_empty() { "-".to_owned() } else { s };
             let time = |t: &Option<prost_types::Timestamp>| {
-                t.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into())
+                t.as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_else(|| "-".into())
             };
             output::write_fields(
                 out,
@@ -469,12 +478,18 @@ fn print_job(context: &Context, out: &mut impl Write, job: &Job) -> io::Result<(
                         "exit code",
                         job.exit_code.map_or("-".into(), |c| c.to_string()),
                     ),
-                    ("attempt", format!("{} of {}", job.attempt, job.max_attempts)),
+                    (
+                        "attempt",
+                        format!("{} of {}", job.attempt, job.max_attempts),
+                    ),
                     ("worker", or_dash(job.worker.clone())),
                     ("command", spec.command),
                     ("image", or_dash(spec.image)),
                     ("gpus", spec.gpus.to_string()),
-                    ("bundle", format!("{} ({})", job.bundle_sha256, HumanBytes(job.bundle_size))),
+                    (
+                        "bundle",
+                        format!("{} ({})", job.bundle_sha256, HumanBytes(job.bundle_size)),
+                    ),
                     ("created", time(&job.create_time)),
                     ("started", time(&job.start_time)),
                     ("finished", time(&job.finish_time)),

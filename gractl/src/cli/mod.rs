@@ -10,8 +10,8 @@ mod login;
 mod outputs;
 mod runner;
 mod secret;
-mod worker;
 mod ssh;
+mod worker;
 mod workspace;
 
 use std::{

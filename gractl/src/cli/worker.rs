@@ -72,10 +72,7 @@ pub(super) async fn run(context: &Context, command: WorkerCommand) -> anyhow::Re
                     .mode(0o600)
                     .open(path)
                     .map_err(|e| {
-                        Failure::new(
-                            Code::Usage,
-                            format!("--token-file {}: {e}", path.display()),
-                        )
+                        Failure::new(Code::Usage, format!("--token-file {}: {e}", path.display()))
                     })?;
                 writeln!(file, "{}", created.token)?;
             }

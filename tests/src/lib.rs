@@ -317,6 +317,115 @@ impl Drop for Grad {
     }
 }
 
+/// A `grad-runner agent` (a job worker) of this grad, killed when dropped.
+pub struct Agent {
+    child: Option<Child>,
+    pub name: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Agent {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as a machine that dies: no goodbye to grad.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and waits for it to exit.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        signal(child.id(), libc::SIGTERM);
+        child.wait().ok()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Grad {
+    /// Creates worker `name` for `token`'s user (with `create_args`, such as
+    /// `--label k=v`) and starts a `grad-runner agent` for it (with
+    /// `agent_args`, such as `--gpus 2`).
+    pub fn start_agent(
+        &self,
+        token: &str,
+        name: &str,
+        create_args: &[&str],
+        agent_args: &[&str],
+    ) -> Agent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let token_file = dir.path().join("token");
+        let out = self
+            .gractl(token)
+            .args(["worker", "create", name, "--token-file"])
+            .arg(&token_file)
+            .args(create_args)
+            .output()
+            .expect("run gractl worker create");
+        assert!(
+            out.status.success(),
+            "gractl worker create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut child = Command::new(bin("grad-runner"))
+            .args(["agent", "--server", &self.url, "--token-file"])
+            .arg(&token_file)
+            .arg("--work-dir")
+            .arg(dir.path().join("work"))
+            .args(agent_args)
+            .env("RUST_LOG", "info")
+            .env_remove("GRAD_WORKER_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn grad-runner agent");
+        let stderr = child.stderr.take().expect("agent stderr");
+        let label = format!("[agent {name}]");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{label} {line}");
+            }
+        });
+        Agent {
+            child: Some(child),
+            name: name.to_owned(),
+            dir,
+        }
+    }
+}
+
+/// Every regular file under `dir` whose bytes contain `needle` (to prove a
+/// secret is nowhere on disk).
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file()
+                && std::fs::read(&path).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
 /// Detaches every FUSE mount below `dir` (what a killed process left).
 fn unmount_under(dir: &Path) {
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());

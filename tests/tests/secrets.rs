@@ -6,7 +6,7 @@
 
 use std::process::{Command, Output};
 
-use grad_tests::{Grad, OutputExt, bin};
+use grad_tests::{Grad, OutputExt, bin, files_containing};
 use serde_json::Value;
 
 const VALUE: &str = "AKIDEXAMPLE:wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY";
@@ -18,29 +18,6 @@ fn set(grad: &Grad, token: &str, name: &str, value: &str) -> Output {
 fn json(out: &Output) -> Value {
     assert!(out.status.success(), "{}", out.stderr_str());
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Every file of grad's data dir holding `needle`.
-fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            if kind.is_dir() {
-                stack.push(path);
-            } else if kind.is_file()
-                && std::fs::read(&path)
-                    .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
-            {
-                found.push(path.display().to_string());
-            }
-        }
-    }
-    found
 }
 
 #[test]
@@ -65,7 +42,7 @@ fn secrets_are_set_from_stdin_listed_without_values_and_sealed_at_rest() {
     let secret_part = VALUE.split_once(':').unwrap().1.as_bytes();
     assert_eq!(
         files_containing(&grad.data_dir, secret_part),
-        Vec::<String>::new()
+        Vec::<std::path::PathBuf>::new()
     );
 
     // Replacing keeps the creation time; deleting twice is "not found".

@@ -280,7 +280,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(Box<dyn FnOnce(&mut pb::JobSpec)>, &str)> = vec![
+        type Edit = Box<dyn FnOnce(&mut pb::JobSpec)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(|s| s.name = "Train".into()),
                 "invalid job name 'Train'",

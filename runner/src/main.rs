@@ -79,6 +79,10 @@ struct AgentArgs {
     /// Jobs run at once
     #[arg(long, value_name = "N", default_value_t = 1)]
     max_jobs: usize,
+    /// Take no jobs with an image, even with a Docker engine at hand
+    /// (DOCKER_HOST, else /var/run/docker.sock)
+    #[arg(long)]
+    no_docker: bool,
 }
 
 /// The token from `file`, else from the environment variable `var`.
@@ -163,7 +167,8 @@ fn main() -> ExitCode {
                 Err(e) => return usage(e),
             };
             let work_dir = match args.work_dir.or_else(default_agent_dir) {
-                Some(dir) => dir,
+                // Absolute: Docker mounts need it.
+                Some(dir) => std::path::absolute(&dir).unwrap_or(dir),
                 None => return usage("no HOME to keep jobs under; pass --work-dir DIR".into()),
             };
             let config = jobs::Config {
@@ -172,6 +177,7 @@ fn main() -> ExitCode {
                 work_dir,
                 gpus: args.gpus.unwrap_or_else(jobs::detect_gpus),
                 max_jobs: args.max_jobs,
+                docker: !args.no_docker,
             };
             run(|shutdown| jobs::serve(config, shutdown))
         }

@@ -362,6 +362,19 @@ impl Grad {
         create_args: &[&str],
         agent_args: &[&str],
     ) -> Agent {
+        self.start_agent_with_env(token, name, create_args, agent_args, &[])
+    }
+
+    /// [`Grad::start_agent`] with environment variables for the agent
+    /// (`DOCKER_HOST`, say).
+    pub fn start_agent_with_env(
+        &self,
+        token: &str,
+        name: &str,
+        create_args: &[&str],
+        agent_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let token_file = dir.path().join("token");
         let out = self
@@ -382,6 +395,7 @@ impl Grad {
             .arg("--work-dir")
             .arg(dir.path().join("work"))
             .args(agent_args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env_remove("GRAD_WORKER_TOKEN")
             .stdout(Stdio::null())
@@ -400,6 +414,151 @@ impl Grad {
             name: name.to_owned(),
             dir,
         }
+    }
+}
+
+/// A private Docker engine (`dockerd` on its own socket, data and exec
+/// dirs, no bridge, no iptables) with one small image built here (no
+/// registry is reachable): a static busybox. Its PATH holds a stand-in for
+/// the NVIDIA Container Toolkit's `nvidia-container-runtime-hook`, so the
+/// engine registers its "nvidia" device driver as it does on a GPU machine
+/// and turns a job's GPU device request into NVIDIA_VISIBLE_DEVICES in the
+/// container (the hook itself, which would mount the driver, just accepts).
+pub struct DockerEngine {
+    child: Child,
+    /// For DOCKER_HOST.
+    pub host: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl DockerEngine {
+    pub const IMAGE: &'static str = "grad-test-busybox:1";
+
+    pub fn start() -> Option<DockerEngine> {
+        let found = |program: &str| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {program}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !require(
+            "dockerd and docker (apt-get install docker.io)",
+            found("dockerd") && found("docker"),
+        ) || !require(
+            "a static busybox (apt-get install busybox-static)",
+            Path::new("/bin/busybox").exists(),
+        ) || !require("root, to run dockerd", root)
+        {
+            return None;
+        }
+        // Short: the engine's sockets live below it.
+        let dir = tempfile::Builder::new()
+            .prefix("gdk")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).expect("bin dir");
+        let hook = bin.join("nvidia-container-runtime-hook");
+        std::fs::write(&hook, "#!/bin/sh\ncat >/dev/null\nexit 0\n").expect("hook");
+        std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("hook mode");
+        let socket = dir.path().join("d.sock");
+        let host = format!("unix://{}", socket.display());
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(dir.path().join("dockerd.log")).expect("log");
+        let child = Command::new("dockerd")
+            .arg("--data-root")
+            .arg(dir.path().join("data"))
+            .arg("--exec-root")
+            .arg(dir.path().join("x"))
+            .arg("--pidfile")
+            .arg(dir.path().join("d.pid"))
+            .args([
+                "-H",
+                &host,
+                "--bridge=none",
+                "--iptables=false",
+                "--ip-forward=false",
+            ])
+            .env("PATH", path)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn dockerd");
+        let engine = DockerEngine { child, host, dir };
+        wait_until("dockerd answers", Duration::from_secs(30), || {
+            engine.docker(&["version"]).status.success()
+        });
+        let rootfs = engine.dir.path().join("rootfs/bin");
+        std::fs::create_dir_all(&rootfs).expect("rootfs");
+        std::fs::copy("/bin/busybox", rootfs.join("busybox")).expect("busybox");
+        for applet in [
+            "sh",
+            "echo",
+            "cat",
+            "ls",
+            "sleep",
+            "env",
+            "sha256sum",
+            "printf",
+            "mkdir",
+            "rm",
+            "seq",
+            "true",
+            "grep",
+            "pwd",
+        ] {
+            std::os::unix::fs::symlink("busybox", rootfs.join(applet)).expect("applet");
+        }
+        let imported = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "tar -C {} -c . | docker -H {} import - {}",
+                engine.dir.path().join("rootfs").display(),
+                engine.host,
+                Self::IMAGE
+            ))
+            .output()
+            .expect("docker import");
+        assert!(
+            imported.status.success(),
+            "docker import: {}",
+            String::from_utf8_lossy(&imported.stderr)
+        );
+        Some(engine)
+    }
+
+    /// Runs the docker CLI against this engine.
+    pub fn docker(&self, args: &[&str]) -> Output {
+        Command::new("docker")
+            .arg("-H")
+            .arg(&self.host)
+            .args(args)
+            .output()
+            .expect("run docker")
+    }
+}
+
+impl Drop for DockerEngine {
+    fn drop(&mut self) {
+        signal(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -574,3 +574,135 @@ async fn several_workers_never_run_the_same_attempt() {
     expected.sort();
     assert_eq!(runs, expected, "a job ran twice or not at all");
 }
+
+/// Jobs with an image, on a real Docker engine (a private dockerd with a
+/// locally built busybox image): the job's directory mounted as the working
+/// directory, limits applied, secrets sourced from a tmpfs file (never in
+/// the container's configuration or the engine's disk), GPUs as NVIDIA
+/// device requests, the container gone afterwards, and cancel stopping it.
+#[test]
+fn docker_jobs_run_in_ephemeral_containers_with_gpu_device_requests() {
+    const SECRET: &str = "docker-secret-5a69c2e1b4d7f3a9";
+    let Some(engine) = grad_tests::DockerEngine::start() else {
+        return;
+    };
+    let grad = Grad::start();
+    let _worker = grad.start_agent_with_env(
+        &grad.admin_token,
+        "dw",
+        &[],
+        &["--gpus", "2"],
+        &[("DOCKER_HOST", &engine.host)],
+    );
+    let set = grad.run_with_input(
+        &grad.admin_token,
+        &["secret", "set", "TOKEN"],
+        SECRET.as_bytes(),
+    );
+    assert!(set.status.success(), "{}", set.stderr_str());
+    let dir = project(
+        &format!(
+            "name: in-docker\n\
+             image: {}\n\
+             command: pwd; cat data.txt; echo \"token=$TOKEN\"; printf %s \"$TOKEN\" | sha256sum; \
+             echo \"gpus=$NVIDIA_VISIBLE_DEVICES\"; \
+             cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes; \
+             cat /sys/fs/cgroup/cpu.max 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us; \
+             echo \"lr=$LR\"\n\
+             gpus: 2\n\
+             env: {{ LR: \"0.01\" }}\n\
+             secrets: [TOKEN]\n\
+             resources: {{ cpu: 1, memory: 256Mi }}\n",
+            grad_tests::DockerEngine::IMAGE
+        ),
+        &[("data.txt", "from the bundle\n")],
+    );
+    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, done) = wait(&grad, &grad.admin_token, &id);
+    assert_eq!(code, 0, "{done}");
+    let printed = logs(&grad, &grad.admin_token, &id);
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(SECRET.as_bytes()))
+    };
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines[0], "/job", "{printed}");
+    assert_eq!(lines[1], "from the bundle");
+    assert_eq!(lines[2], "token=***");
+    assert!(
+        lines[3].starts_with(&digest),
+        "the container lacked the secret: {printed}"
+    );
+    assert_eq!(lines[4], "gpus=0,1", "the GPU device request: {printed}");
+    assert_eq!(
+        lines[5],
+        (256u64 << 20).to_string(),
+        "the memory limit: {printed}"
+    );
+    assert!(lines[6].starts_with("100000"), "one CPU's quota: {printed}");
+    assert_eq!(lines[7], "lr=0.01");
+    let containers = engine.docker(&["ps", "-a", "-q"]);
+    assert_eq!(
+        containers.stdout_str().trim(),
+        "",
+        "a container was left behind"
+    );
+    assert_eq!(
+        files_containing(engine.dir.path(), SECRET.as_bytes()),
+        Vec::<PathBuf>::new(),
+        "the secret reached the engine's disk"
+    );
+
+    // A missing image is a clear failure; a running container is cancelled.
+    std::fs::write(
+        dir.path().join("job.yaml"),
+        "name: no-image\nimage: not-here:1\ncommand: true\n",
+    )
+    .unwrap();
+    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, done) = wait(&grad, &grad.admin_token, &id);
+    assert_eq!(code, 9);
+    assert!(
+        done["reason"]
+            .as_str()
+            .unwrap()
+            .contains("image not-here:1 is not on this worker and could not be pulled"),
+        "{done}"
+    );
+    std::fs::write(
+        dir.path().join("job.yaml"),
+        format!(
+            "name: sleeps\nimage: {}\ncommand: echo up; sleep 60\n",
+            grad_tests::DockerEngine::IMAGE
+        ),
+    )
+    .unwrap();
+    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for_state(&grad, &grad.admin_token, &id, "running");
+    wait_until("the container to run", Duration::from_secs(20), || {
+        !engine.docker(&["ps", "-q"]).stdout_str().trim().is_empty()
+    });
+    let asked = Instant::now();
+    assert!(grad.run(&["job", "cancel", &id]).status.success());
+    let (code, done) = wait(&grad, &grad.admin_token, &id);
+    assert_eq!(
+        (code, done["state"].as_str()),
+        (9, Some("cancelled")),
+        "{done}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(engine.docker(&["ps", "-a", "-q"]).stdout_str().trim(), "");
+}

@@ -1,10 +1,12 @@
 //! Jobs: grad-runner as a worker (`grad-runner agent`). It long-polls grad
 //! for a job it can run (`WorkerAgent.ClaimJob`), runs each claimed attempt
 //! ([`run`]) — bundle fetched by presigned URL and unpacked safely, secrets
-//! in the environment only, the command as a process in the job's directory,
+//! in the environment only, the command as a process in the job's directory
+//! or in a Docker container ([`docker`]),
 //! lease renewed, log lines shipped ([`logs`]) — and reports how it ended.
 //! It dials out, so it works from any machine that can reach grad.
 
+pub mod docker;
 pub mod logs;
 pub mod run;
 
@@ -74,6 +76,9 @@ pub struct Config {
     pub gpus: u32,
     /// Attempts run at once.
     pub max_jobs: usize,
+    /// Look for a Docker engine (DOCKER_HOST or the default socket) for
+    /// jobs with an image.
+    pub docker: bool,
 }
 
 /// What every attempt shares.
@@ -83,6 +88,7 @@ pub struct Worker {
     pub http: grad_transfer::Client,
     pub work_dir: PathBuf,
     pub gpus: u32,
+    pub docker: Option<docker::Docker>,
     /// GPUs in use by running attempts (indices).
     pub gpus_in_use: std::sync::Mutex<Vec<bool>>,
 }
@@ -117,15 +123,23 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Er
         http: grad_transfer::Client::new()?,
         work_dir: config.work_dir,
         gpus: config.gpus,
+        docker: if config.docker {
+            docker::Docker::connect().await
+        } else {
+            None
+        },
         gpus_in_use: std::sync::Mutex::new(vec![false; config.gpus as usize]),
     });
     let capabilities = WorkerCapabilities {
         gpus: config.gpus,
-        docker: false,
+        docker: worker.docker.is_some(),
         hostname: hostname(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
-    tracing::info!(server = %config.server, gpus = config.gpus, max_jobs = config.max_jobs, "worker started");
+    tracing::info!(
+        server = %config.server, gpus = config.gpus, max_jobs = config.max_jobs,
+        docker = capabilities.docker, "worker started"
+    );
     let mut running: JoinSet<()> = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
     let stopping = shutdown.child_token();

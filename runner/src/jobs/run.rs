@@ -42,7 +42,7 @@ const MAX_LINE: usize = 64 << 10;
 const REPORT_FOR: Duration = Duration::from_secs(600);
 
 /// How the attempt ended, as the worker tells grad.
-enum Ended {
+pub(super) enum Ended {
     Exited(i32),
     TimedOut,
     Cancelled,
@@ -159,19 +159,27 @@ async fn renew(
     }
 }
 
-/// The environment of the job's process: the worker's own, less grad's
-/// variables (the worker's token among them), plus the job's.
-fn environment(job: &ClaimedJob, gpus: &[usize]) -> HashMap<String, String> {
-    let mut env: HashMap<String, String> = std::env::vars()
-        .filter(|(name, _)| !name.starts_with("GRAD_"))
-        .collect();
+/// What every job sees besides its own env: who it is.
+pub(super) fn job_variables(job: &ClaimedJob) -> HashMap<String, String> {
+    let mut env = HashMap::new();
     if let Some(spec) = &job.spec {
         env.extend(spec.env.clone());
         env.insert("GRAD_JOB_NAME".into(), spec.name.clone());
     }
-    env.extend(job.secrets.clone());
     env.insert("GRAD_JOB_ID".into(), job.id.clone());
     env.insert("GRAD_JOB_ATTEMPT".into(), job.attempt.to_string());
+    env
+}
+
+/// The environment of a job's process: the worker's own, less grad's
+/// variables (the worker's token among them), plus the job's, its secrets
+/// and its GPUs.
+fn environment(job: &ClaimedJob, gpus: &[usize]) -> HashMap<String, String> {
+    let mut env: HashMap<String, String> = std::env::vars()
+        .filter(|(name, _)| !name.starts_with("GRAD_"))
+        .collect();
+    env.extend(job_variables(job));
+    env.extend(job.secrets.clone());
     let visible: Vec<String> = gpus.iter().map(ToString::to_string).collect();
     env.insert("CUDA_VISIBLE_DEVICES".into(), visible.join(","));
     env
@@ -230,9 +238,65 @@ async fn execute(
     }
     let _ = tokio::fs::remove_file(&bundle).await;
 
+    let timeout = (spec.timeout_ms > 0).then(|| Duration::from_millis(spec.timeout_ms));
+    let stops = Stops {
+        cancel,
+        lost,
+        stopping,
+        deadline: timeout.map(|t| tokio::time::Instant::now() + t),
+    };
+    let started = Instant::now();
+    let ended = if spec.image.is_empty() {
+        run_process(job, dir, log, gpus, &stops).await
+    } else {
+        match &worker.docker {
+            Some(docker) => docker.run(job, base, dir, log, gpus, &stops).await,
+            None => Ended::Error(format!(
+                "this worker has no Docker engine for image {}",
+                spec.image
+            )),
+        }
+    };
+    tracing::info!(job = %job.id, attempt = job.attempt, elapsed = ?started.elapsed(), "job ended");
+    ended
+}
+
+/// What ends an attempt besides its own exit.
+pub(super) struct Stops<'a> {
+    pub cancel: &'a CancellationToken,
+    pub lost: &'a CancellationToken,
+    pub stopping: &'a CancellationToken,
+    pub deadline: Option<tokio::time::Instant>,
+}
+
+impl Stops<'_> {
+    /// Resolves when one of them happens, with how the attempt then ends.
+    pub(super) async fn fired(&self) -> Ended {
+        tokio::select! {
+            _ = self.cancel.cancelled() => Ended::Cancelled,
+            _ = sleep_until(self.deadline) => Ended::TimedOut,
+            _ = self.lost.cancelled() => Ended::Abandoned,
+            _ = self.stopping.cancelled() => Ended::Abandoned,
+        }
+    }
+}
+
+/// The command as a process group on this machine.
+async fn run_process(
+    job: &ClaimedJob,
+    dir: &Path,
+    log: &Arc<Log>,
+    gpus: &[usize],
+    stops: &Stops<'_>,
+) -> Ended {
+    let command = job
+        .spec
+        .as_ref()
+        .map(|s| s.command.as_str())
+        .unwrap_or_default();
     let mut child = match tokio::process::Command::new("sh")
         .arg("-c")
-        .arg(&spec.command)
+        .arg(command)
         .current_dir(dir)
         .env_clear()
         .envs(environment(job, gpus))
@@ -255,29 +319,14 @@ async fn execute(
         .stderr
         .take()
         .map(|err| tokio::spawn(pump(err, log.clone(), LogStream::Stderr)));
-    let timeout = (spec.timeout_ms > 0).then(|| Duration::from_millis(spec.timeout_ms));
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-    let started = Instant::now();
     let ended = tokio::select! {
         status = child.wait() => match status {
             Ok(status) => Ended::Exited(exit_code(status)),
             Err(e) => Ended::Error(format!("waiting for the job's process: {e}")),
         },
-        _ = cancel.cancelled() => {
+        ended = stops.fired() => {
             stop(&mut child, pid).await;
-            Ended::Cancelled
-        }
-        _ = sleep_until(deadline) => {
-            stop(&mut child, pid).await;
-            Ended::TimedOut
-        }
-        _ = lost.cancelled() => {
-            stop(&mut child, pid).await;
-            Ended::Abandoned
-        }
-        _ = stopping.cancelled() => {
-            stop(&mut child, pid).await;
-            Ended::Abandoned
+            ended
         }
     };
     // What the process wrote before it ended; a leftover background process
@@ -285,7 +334,6 @@ async fn execute(
     for pump in [stdout, stderr].into_iter().flatten() {
         let _ = tokio::time::timeout(Duration::from_secs(2), pump).await;
     }
-    tracing::info!(job = %job.id, attempt = job.attempt, elapsed = ?started.elapsed(), "job process ended");
     ended
 }
 
@@ -322,31 +370,48 @@ async fn stop(child: &mut Child, pid: Option<u32>) {
     }
 }
 
-/// Reads one of the process's pipes into log lines.
-async fn pump(mut pipe: impl AsyncRead + Unpin, log: Arc<Log>, stream: LogStream) {
-    let mut buffer = vec![0u8; READ_CHUNK];
-    let mut line: Vec<u8> = Vec::new();
-    loop {
-        let n = match pipe.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        for &byte in &buffer[..n] {
+/// Cuts a byte stream into log lines: at each newline, and every
+/// [`MAX_LINE`] bytes of a line that has none.
+#[derive(Default)]
+pub(super) struct Lines {
+    line: Vec<u8>,
+}
+
+impl Lines {
+    pub(super) fn feed(&mut self, bytes: &[u8], log: &Log, stream: LogStream) {
+        for &byte in bytes {
             if byte == b'\n' {
-                log.push(stream, &String::from_utf8_lossy(&line));
-                line.clear();
+                log.push(stream, &String::from_utf8_lossy(&self.line));
+                self.line.clear();
             } else {
-                line.push(byte);
-                if line.len() >= MAX_LINE {
-                    log.push(stream, &String::from_utf8_lossy(&line));
-                    line.clear();
+                self.line.push(byte);
+                if self.line.len() >= MAX_LINE {
+                    log.push(stream, &String::from_utf8_lossy(&self.line));
+                    self.line.clear();
                 }
             }
         }
     }
-    if !line.is_empty() {
-        log.push(stream, &String::from_utf8_lossy(&line));
+
+    pub(super) fn finish(&mut self, log: &Log, stream: LogStream) {
+        if !self.line.is_empty() {
+            log.push(stream, &String::from_utf8_lossy(&self.line));
+            self.line.clear();
+        }
     }
+}
+
+/// Reads one of the process's pipes into log lines.
+async fn pump(mut pipe: impl AsyncRead + Unpin, log: Arc<Log>, stream: LogStream) {
+    let mut buffer = vec![0u8; READ_CHUNK];
+    let mut lines = Lines::default();
+    loop {
+        match pipe.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => lines.feed(&buffer[..n], &log, stream),
+        }
+    }
+    lines.finish(&log, stream);
 }
 
 /// Uploads the attempt's whole log; answers (sha256, size, lines) if grad

@@ -188,7 +188,7 @@ impl Docker {
                 ),
             ]),
             nano_cpus: (spec.cpu_millis > 0).then(|| i64::from(spec.cpu_millis) * 1_000_000),
-            memory: (spec.memory_bytes > 0).then(|| spec.memory_bytes as i64),
+            memory: (spec.memory_bytes > 0).then_some(spec.memory_bytes as i64),
             device_requests,
             // An init reaps zombies and passes signals on.
             init: Some(true),

@@ -210,6 +210,15 @@ pub enum UserCommand {
         #[command(flatten)]
         store: Store,
     },
+    /// Set a user's plan (pro may run GPU jobs and runners); it applies at
+    /// once, to tokens already issued too.
+    Plan {
+        name: String,
+        #[arg(value_parser = ["free", "pro"])]
+        plan: String,
+        #[command(flatten)]
+        store: Store,
+    },
     /// Print a new token for an existing user.
     Token {
         name: String,

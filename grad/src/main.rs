@@ -80,6 +80,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", keys.issue_user(&user, ttl)?);
             db.close().await;
         }
+        Command::User(UserCommand::Plan { name, plan, store }) => {
+            let (db, _) = server::open(&store.data_dir, &store.database_url()).await?;
+            let plan: Plan = plan.parse().map_err(anyhow::Error::msg)?;
+            if !db.set_user_plan(&name, plan).await? {
+                anyhow::bail!("no user named '{name}'");
+            }
+            println!("user {name} is on the {plan} plan");
+            db.close().await;
+        }
         Command::User(UserCommand::Token { name, ttl, store }) => {
             let (db, keys) = server::open(&store.data_dir, &store.database_url()).await?;
             let user = db

@@ -362,7 +362,13 @@ impl Runners {
         datasets: Vec<grad_proto::Dataset>,
     ) -> Result<store::Runner> {
         validate_name(name)?;
-        let resources = validate_resources(requested, caller.plan)?;
+        // The plan as it is now, not as it was when the token was made.
+        let plan = self
+            .store
+            .user_by_id(&caller.id)
+            .await?
+            .map_or(caller.plan, |u| u.plan);
+        let resources = validate_resources(requested, plan)?;
         let id = uuid::Uuid::new_v4().to_string();
         let datasets = datasets::with_secret_keys(datasets, &self.secrets, &caller.id).await?;
         let (datasets, dataset_credentials) = datasets::accept(datasets, &self.sealer, &id)?;

@@ -466,6 +466,19 @@ fn gpu_jobs_need_the_pro_plan() {
         "{}",
         out.stderr_str()
     );
+    // An admin moves carol to pro: her token, unchanged, may now ask for GPUs.
+    let moved = std::process::Command::new(grad_tests::bin("grad"))
+        .args(["user", "plan", "carol", "pro", "--data-dir"])
+        .arg(&grad.data_dir)
+        .output()
+        .unwrap();
+    assert!(moved.status.success(), "{}", moved.stderr_str());
+    let out = grad
+        .gractl(&free)
+        .args(["job", "submit", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", out.stderr_str());
 }
 
 #[test]

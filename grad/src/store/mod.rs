@@ -294,6 +294,16 @@ impl Store {
         row.as_ref().map(user_from_row).transpose()
     }
 
+    /// Whether there was such a user.
+    pub async fn set_user_plan(&self, name: &str, plan: Plan) -> Result<bool> {
+        let done = sqlx::query("UPDATE users SET plan = $1 WHERE name = $2")
+            .bind(plan.as_str())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     pub async fn user_by_id(&self, id: &str) -> Result<Option<User>> {
         let row = sqlx::query("SELECT id, name, role, plan FROM users WHERE id = $1")
             .bind(id)

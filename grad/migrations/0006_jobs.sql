@@ -21,6 +21,9 @@ CREATE TABLE jobs (
     spec TEXT NOT NULL,
     bundle_sha256 TEXT NOT NULL,
     bundle_size BIGINT NOT NULL,
+    -- What a worker must have, copied from the spec for the claim's query.
+    gpus BIGINT NOT NULL,
+    needs_docker BIGINT NOT NULL,
     state TEXT NOT NULL,
     reason TEXT NOT NULL,
     exit_code BIGINT,

@@ -9,25 +9,10 @@ use std::{
 
 use gractl::client::Client;
 use grad_proto::{ExecuteCodeRequest, Resources, RunnerState, exec_event::Event};
-use grad_tests::Grad;
-
-struct Stats {
-    p50: f64,
-    p99: f64,
-    n: usize,
-}
-
-/// Milliseconds at the 50th and 99th percentile (nearest rank).
-fn stats(samples: &[Duration]) -> Stats {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    ms.sort_by(f64::total_cmp);
-    let rank = |p: f64| ms[((p * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
-    Stats {
-        p50: rank(0.50),
-        p99: rank(0.99),
-        n: ms.len(),
-    }
-}
+use grad_tests::{
+    Grad,
+    stats::{Stats, of as stats},
+};
 
 async fn execute(client: &Client, code: &str) -> anyhow::Result<()> {
     let mut events = client

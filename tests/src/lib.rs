@@ -562,6 +562,28 @@ impl Drop for DockerEngine {
     }
 }
 
+/// Percentiles for the benchmarks (nearest rank), in milliseconds.
+pub mod stats {
+    use std::time::Duration;
+
+    pub struct Stats {
+        pub p50: f64,
+        pub p99: f64,
+        pub n: usize,
+    }
+
+    pub fn of(samples: &[Duration]) -> Stats {
+        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        let rank = |p: f64| ms[((p * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
+        Stats {
+            p50: rank(0.50),
+            p99: rank(0.99),
+            n: ms.len(),
+        }
+    }
+}
+
 /// Every regular file under `dir` whose bytes contain `needle` (to prove a
 /// secret is nowhere on disk).
 pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {

@@ -719,3 +719,34 @@ fn docker_jobs_run_in_ephemeral_containers_with_gpu_device_requests() {
     );
     assert_eq!(engine.docker(&["ps", "-a", "-q"]).stdout_str().trim(), "");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_no_worker_can_run_do_not_hide_the_ones_behind_them() {
+    let grad = Grad::start();
+    let _worker = grad.start_agent(&grad.admin_token, "w1", &[], &[]);
+    let dir = project("name: stuck\ncommand: true\nlabels: { zone: mars }\n", &[]);
+    let first = submit(&grad, &grad.admin_token, dir.path());
+    let bundle = first["job"]["bundle_sha256"].as_str().unwrap().to_owned();
+    let client = grad.admin().await;
+    let stuck = grad_proto::JobSpec {
+        name: "stuck".into(),
+        command: "true".into(),
+        labels: [("zone".to_owned(), "mars".to_owned())].into(),
+        ..Default::default()
+    };
+    // More than one page of the claim's scan.
+    for _ in 0..150 {
+        client.submit_job(stuck.clone(), &bundle).await.unwrap();
+    }
+    let runnable = grad_proto::JobSpec {
+        name: "runs".into(),
+        command: "true".into(),
+        ..Default::default()
+    };
+    let job = client.submit_job(runnable, &bundle).await.unwrap();
+    let done = client
+        .wait_job(&job.id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done.state(), grad_proto::JobState::Succeeded, "{done:?}");
+}

@@ -93,8 +93,10 @@ pub struct Jobs {
     secrets: Secrets,
     timing: Timing,
     /// Bumped on every submission, state change and appended log line:
-    /// claims, waits and log followers wake on it and look again.
+    /// waits and log followers wake on it and look again.
     changed: watch::Sender<u64>,
+    /// Bumped when a job joins the queue: idle claims wake on it.
+    queued: watch::Sender<u64>,
     shutdown: CancellationToken,
 }
 
@@ -129,6 +131,7 @@ impl Jobs {
             secrets,
             timing,
             changed: watch::channel(0).0,
+            queued: watch::channel(0).0,
             shutdown,
         })
     }
@@ -143,6 +146,12 @@ impl Jobs {
 
     fn bump(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// A job was queued (new, or back for another attempt).
+    fn bump_queue(&self) {
+        self.queued.send_modify(|v| *v = v.wrapping_add(1));
+        self.bump();
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -212,6 +221,8 @@ impl Jobs {
             spec: spec.to_json()?,
             bundle_sha256: sha256.to_string(),
             bundle_size: bundle.size,
+            gpus: spec.gpus,
+            needs_docker: !spec.image.is_empty(),
             state: JobState::Queued,
             reason: String::new(),
             exit_code: None,
@@ -233,7 +244,7 @@ impl Jobs {
             self.store.insert_job(&job).await?;
         }
         tracing::info!(job = %job.id, name = %job.name, owner = %caller.name, "job queued");
-        self.bump();
+        self.bump_queue();
         Ok(job)
     }
 
@@ -357,36 +368,32 @@ impl Jobs {
     /// for one to come.
     pub async fn claim(&self, runs: &Runs, wait: Duration) -> Result<Option<Claimed>> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_CLAIM_WAIT);
-        let mut changed = self.subscribe();
+        let mut changed = self.queued.subscribe();
         let owner = (!runs.worker.shared).then_some(runs.worker.owner_id.as_str());
+        let caps = &runs.capabilities;
         loop {
             changed.mark_unchanged();
-            for job in self.store.queued_jobs(owner, CLAIM_SCAN).await? {
-                let spec = Spec::from_json(&job.spec)?;
-                if !Self::can_run(runs, &job, &spec) {
-                    continue;
-                }
-                let lease_until = now_ms() + self.timing.lease.as_millis() as i64;
-                if !self
+            // Page through what this worker could run: jobs it cannot (a
+            // label it lacks) never hide the ones behind them.
+            let mut after: Option<(i64, String)> = None;
+            loop {
+                let page = self
                     .store
-                    .claim_job(&job.id, job.attempt, &runs.worker, lease_until)
-                    .await?
-                {
-                    continue; // another worker was faster
+                    .queued_jobs(
+                        owner,
+                        caps.gpus,
+                        caps.docker,
+                        after.as_ref().map(|(t, id)| (*t, id.as_str())),
+                        CLAIM_SCAN,
+                    )
+                    .await?;
+                let full = page.len() as u32 == CLAIM_SCAN;
+                after = page.last().map(|j| (j.created_at, j.id.clone()));
+                if let Some(claimed) = self.claim_from(runs, page).await? {
+                    return Ok(Some(claimed));
                 }
-                let attempt = job.attempt + 1;
-                tracing::info!(job = %job.id, attempt, worker = %runs.worker.name, "job claimed");
-                self.bump();
-                match self.hand_over(job, spec).await {
-                    Ok(claimed) => return Ok(Some(claimed)),
-                    Err((job, why)) => {
-                        // Nothing a retry would change: the job fails now.
-                        self.store
-                            .end_attempt(&job.id, attempt, None, JobState::Failed, &why, None)
-                            .await?;
-                        tracing::warn!(job = %job.id, reason = %why, "job failed before it ran");
-                        self.bump();
-                    }
+                if !full {
+                    break;
                 }
             }
             tokio::select! {
@@ -398,6 +405,39 @@ impl Jobs {
                 _ = self.shutdown.cancelled() => return Ok(None),
             }
         }
+    }
+
+    /// Claims the first job of `page` the worker can run.
+    async fn claim_from(&self, runs: &Runs, page: Vec<store::Job>) -> Result<Option<Claimed>> {
+        for job in page {
+            let spec = Spec::from_json(&job.spec)?;
+            if !Self::can_run(runs, &job, &spec) {
+                continue;
+            }
+            let lease_until = now_ms() + self.timing.lease.as_millis() as i64;
+            if !self
+                .store
+                .claim_job(&job.id, job.attempt, &runs.worker, lease_until)
+                .await?
+            {
+                continue; // another worker was faster
+            }
+            let attempt = job.attempt + 1;
+            tracing::info!(job = %job.id, attempt, worker = %runs.worker.name, "job claimed");
+            self.bump();
+            match self.hand_over(job, spec).await {
+                Ok(claimed) => return Ok(Some(claimed)),
+                Err((job, why)) => {
+                    // Nothing a retry would change: the job fails now.
+                    self.store
+                        .end_attempt(&job.id, attempt, None, JobState::Failed, &why, None)
+                        .await?;
+                    tracing::warn!(job = %job.id, reason = %why, "job failed before it ran");
+                    self.bump();
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// What the worker needs for a job just claimed; the error is why the
@@ -567,7 +607,11 @@ impl Jobs {
             return Err(lost(&job, attempt));
         }
         tracing::info!(job = %job.id, attempt, %state, %reason, "job attempt ended");
-        self.bump();
+        if state == JobState::Queued {
+            self.bump_queue();
+        } else {
+            self.bump();
+        }
         self.store
             .job(&job.id)
             .await?
@@ -601,7 +645,11 @@ impl Jobs {
                 .await?
             {
                 tracing::warn!(job = %job.id, attempt = job.attempt, %reason, "job lease expired");
-                self.bump();
+                if state == JobState::Queued {
+                    self.bump_queue();
+                } else {
+                    self.bump();
+                }
             }
         }
         Ok(())

@@ -19,6 +19,8 @@ pub struct Job {
     pub spec: String,
     pub bundle_sha256: String,
     pub bundle_size: u64,
+    pub gpus: u32,
+    pub needs_docker: bool,
     pub state: JobState,
     pub reason: String,
     pub exit_code: Option<i32>,
@@ -96,7 +98,7 @@ pub struct Worker {
 }
 
 const JOB_COLUMNS: &str = "j.id, j.owner_id, u.name AS owner_name, j.name, j.spec, \
-     j.bundle_sha256, j.bundle_size, j.state, j.reason, j.exit_code, j.attempt, j.max_attempts, \
+     j.bundle_sha256, j.bundle_size, j.gpus, j.needs_docker, j.state, j.reason, j.exit_code, j.attempt, j.max_attempts, \
      j.worker_id, j.worker_name, j.lease_expires_at, j.cancelled_by, j.created_at, j.started_at, \
      j.finished_at, j.updated_at";
 
@@ -115,6 +117,8 @@ fn job_from_row(row: &AnyRow) -> Result<Job> {
         spec: row.try_get("spec")?,
         bundle_sha256: row.try_get("bundle_sha256")?,
         bundle_size: row.try_get::<i64, _>("bundle_size")? as u64,
+        gpus: row.try_get::<i64, _>("gpus")? as u32,
+        needs_docker: row.try_get::<i64, _>("needs_docker")? != 0,
         state: parse_column(row, "state")?,
         reason: row.try_get("reason")?,
         exit_code: row
@@ -154,10 +158,11 @@ impl Store {
 
     pub async fn insert_job(&self, job: &Job) -> Result<()> {
         sqlx::query(
-            "INSERT INTO jobs (id, owner_id, name, spec, bundle_sha256, bundle_size, state, \
-             reason, exit_code, attempt, max_attempts, worker_id, worker_name, lease_expires_at, \
-             cancelled_by, created_at, started_at, finished_at, updated_at) VALUES ($1, $2, $3, \
-             $4, $5, $6, $7, $8, NULL, $9, $10, NULL, '', NULL, '', $11, NULL, NULL, $11)",
+            "INSERT INTO jobs (id, owner_id, name, spec, bundle_sha256, bundle_size, gpus, \
+             needs_docker, state, reason, exit_code, attempt, max_attempts, worker_id, \
+             worker_name, lease_expires_at, cancelled_by, created_at, started_at, finished_at, \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11, $12, NULL, \
+             '', NULL, '', $13, NULL, NULL, $13)",
         )
         .bind(&job.id)
         .bind(&job.owner_id)
@@ -165,6 +170,8 @@ impl Store {
         .bind(&job.spec)
         .bind(&job.bundle_sha256)
         .bind(job.bundle_size as i64)
+        .bind(i64::from(job.gpus))
+        .bind(i64::from(job.needs_docker))
         .bind(job.state.as_str())
         .bind(&job.reason)
         .bind(i64::from(job.attempt))
@@ -222,29 +229,34 @@ impl Store {
         rows.iter().map(job_from_row).collect()
     }
 
-    /// The oldest queued jobs, of `owner_id` only unless `None`.
-    pub async fn queued_jobs(&self, owner_id: Option<&str>, limit: u32) -> Result<Vec<Job>> {
-        let base = format!(
+    /// Up to `limit` queued jobs a worker with `gpus` (and Docker, with
+    /// `docker`) could run, oldest first, after `after` (created_at, id) —
+    /// of `owner_id` only unless `None`.
+    pub async fn queued_jobs(
+        &self,
+        owner_id: Option<&str>,
+        gpus: u32,
+        docker: bool,
+        after: Option<(i64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<Job>> {
+        let (after_time, after_id) = after.unwrap_or((i64::MIN, ""));
+        let sql = format!(
             "SELECT {JOB_COLUMNS} FROM jobs j JOIN users u ON u.id = j.owner_id \
-             WHERE j.state = 'queued'"
+             WHERE j.state = 'queued' AND j.gpus <= $1 AND j.needs_docker <= $2 \
+             AND ($3 = '' OR j.owner_id = $3) \
+             AND (j.created_at > $4 OR (j.created_at = $4 AND j.id > $5)) \
+             ORDER BY j.created_at, j.id LIMIT $6"
         );
-        let rows = match owner_id {
-            Some(owner) => {
-                sqlx::query(&format!(
-                    "{base} AND j.owner_id = $1 ORDER BY j.created_at, j.id LIMIT $2"
-                ))
-                .bind(owner)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query(&format!("{base} ORDER BY j.created_at, j.id LIMIT $1"))
-                    .bind(i64::from(limit))
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        };
+        let rows = sqlx::query(&sql)
+            .bind(i64::from(gpus))
+            .bind(i64::from(docker))
+            .bind(owner_id.unwrap_or_default())
+            .bind(after_time)
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(job_from_row).collect()
     }
 

@@ -19,6 +19,7 @@ bench:
 	bash scripts/bench.sh
 	bash scripts/bench_sync.sh
 	bash scripts/bench_datasets.sh
+	target/release/grad-bench-jobs 2> target/bench-jobs.log
 
 lint:
 	$(CARGO) fmt --all -- --check

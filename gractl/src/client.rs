@@ -473,6 +473,23 @@ impl Client {
             .into_inner())
     }
 
+    /// The outputs the job's last attempt collected.
+    pub async fn get_job_outputs(
+        &self,
+        id: &str,
+        download_urls: bool,
+    ) -> Result<OutputSet, ClientError> {
+        let request = grad_proto::GetJobOutputsRequest {
+            id: id.to_owned(),
+            download_urls,
+        };
+        Ok(self
+            .jobs()
+            .get_job_outputs(self.request(request))
+            .await?
+            .into_inner())
+    }
+
     /// Registers a worker; answers it and its token.
     pub async fn create_worker(
         &self,

@@ -25,7 +25,7 @@ use crate::{
     blobs::{BlobStore, Key, MIN_PART, Multipart, Presigned, Sha256},
     error::{Error, Result},
     runners::Runners,
-    store::{self, OutputFile, OutputSet, Store, now_ms},
+    store::{self, OutputFile, OutputSet, Source, Store, now_ms},
 };
 
 /// The most files one set may have.
@@ -67,6 +67,29 @@ pub struct Upload {
 pub struct Found {
     pub set: OutputSet,
     pub files: Vec<OutputFile>,
+}
+
+/// The set a collection fills: a runner's, or a job's.
+#[derive(Debug, Clone)]
+pub struct Collecting {
+    pub set_id: String,
+    pub owner_id: String,
+    pub owner_name: String,
+    /// The runner's name, or `job/NAME`.
+    pub name: String,
+    pub source: Source,
+}
+
+impl Collecting {
+    pub fn job(job: &store::Job) -> Collecting {
+        Collecting {
+            set_id: job.id.clone(),
+            owner_id: job.owner_id.clone(),
+            owner_name: job.owner_name.clone(),
+            name: format!("job/{}", job.name),
+            source: Source::Job,
+        }
+    }
 }
 
 /// A validated manifest.
@@ -227,6 +250,32 @@ impl Outputs {
                     total_bytes: 0,
                     skipped: Vec::new(),
                     deleted_at: None,
+                    source: Source::Runner,
+                },
+                files: Vec::new(),
+            }),
+        }
+    }
+
+    /// A job's set (empty if it collected nothing).
+    pub async fn of_job(&self, job: &store::Job) -> Result<Found> {
+        match self.store.output_set(&job.id).await? {
+            Some(set) => {
+                let files = self.store.output_files(&set.runner_id).await?;
+                Ok(Found { set, files })
+            }
+            None => Ok(Found {
+                set: OutputSet {
+                    runner_id: job.id.clone(),
+                    owner_id: job.owner_id.clone(),
+                    owner_name: job.owner_name.clone(),
+                    runner_name: format!("job/{}", job.name),
+                    collected_at: 0,
+                    file_count: 0,
+                    total_bytes: 0,
+                    skipped: Vec::new(),
+                    deleted_at: None,
+                    source: Source::Job,
                 },
                 files: Vec::new(),
             }),
@@ -243,6 +292,7 @@ impl Outputs {
                 .store
                 .output_set(name)
                 .await?
+                .filter(|set| set.source == Source::Runner)
                 .filter(|set| set.owner_id == caller.id || caller.is_admin())
                 .ok_or_else(not_found)?;
             let files = self.store.output_files(&set.runner_id).await?;
@@ -307,12 +357,20 @@ impl Outputs {
         Ok(found.set)
     }
 
-    /// The runner behind an agent token, which must still exist.
-    async fn agent_runner(&self, runner_id: &str) -> Result<store::Runner> {
-        self.store
+    /// The set of the runner behind an agent token (which must still exist).
+    pub async fn runner_set(&self, runner_id: &str) -> Result<Collecting> {
+        let runner = self
+            .store
             .runner_by_id(runner_id)
             .await?
-            .ok_or_else(|| Error::NotFound("this runner no longer exists".into()))
+            .ok_or_else(|| Error::NotFound("this runner no longer exists".into()))?;
+        Ok(Collecting {
+            set_id: runner.id,
+            owner_id: runner.owner_id,
+            owner_name: runner.owner_name,
+            name: runner.name,
+            source: Source::Runner,
+        })
     }
 
     /// The contents (and sizes) in `files` that are not in `previous` and
@@ -361,12 +419,15 @@ impl Outputs {
     }
 
     /// PlanOutputs: how to upload what the store lacks.
-    pub async fn plan(&self, runner_id: &str, manifest: pb::OutputManifest) -> Result<Vec<Upload>> {
-        let runner = self.agent_runner(runner_id).await?;
+    pub async fn plan(
+        &self,
+        set: &Collecting,
+        manifest: pb::OutputManifest,
+    ) -> Result<Vec<Upload>> {
         let manifest = validate(manifest)?;
-        let previous = self.store.output_files(runner_id).await?;
+        let previous = self.store.output_files(&set.set_id).await?;
         let missing = self
-            .missing(&runner.owner_id, &manifest.files, &previous)
+            .missing(&set.owner_id, &manifest.files, &previous)
             .await?;
         let parts = self.blobs.kind() == "s3";
         let mut uploads = Vec::with_capacity(missing.len());
@@ -374,7 +435,7 @@ impl Outputs {
             let how = if parts && size >= self.part_threshold {
                 How::Parts(self.part_bytes(size))
             } else {
-                let key = Self::key(&runner.owner_id, &sha256)?;
+                let key = Self::key(&set.owner_id, &sha256)?;
                 let put = self
                     .blobs
                     .presign_put(&key, Sha256::parse(&sha256)?, expiry(size))
@@ -392,7 +453,7 @@ impl Outputs {
             .filter(|u| matches!(u.how, How::Parts(_)))
             .count();
         tracing::info!(
-            runner = %runner.name, files = manifest.files.len(), uploads = uploads.len(), in_parts,
+            set = %set.name, files = manifest.files.len(), uploads = uploads.len(), in_parts,
             "outputs upload planned"
         );
         Ok(uploads)
@@ -401,11 +462,10 @@ impl Outputs {
     /// BeginPartUpload: presigned URLs for each part of one object.
     pub async fn begin_parts(
         &self,
-        runner_id: &str,
+        set: &Collecting,
         request: pb::BeginPartUploadRequest,
     ) -> Result<Multipart> {
-        let runner = self.agent_runner(runner_id).await?;
-        let key = Self::key(&runner.owner_id, &request.sha256)?;
+        let key = Self::key(&set.owner_id, &request.sha256)?;
         let expected = self.part_bytes(request.size);
         if request.part_bytes != expected {
             return Err(Error::InvalidArgument(format!(
@@ -435,10 +495,9 @@ impl Outputs {
     /// object is in the store, and records the manifest as the runner's set.
     pub async fn commit(
         &self,
-        runner_id: &str,
+        set: &Collecting,
         request: pb::CommitOutputsRequest,
     ) -> Result<OutputSet> {
-        let runner = self.agent_runner(runner_id).await?;
         let manifest = validate(request.manifest.unwrap_or_default())?;
         let contents: HashSet<&str> = manifest.files.iter().map(|f| f.sha256.as_str()).collect();
         for done in &request.completed {
@@ -463,16 +522,16 @@ impl Outputs {
                 .zip(done.etags.iter().cloned())
                 .map(|(sha, etag)| sha.map(|sha| (sha, etag)))
                 .collect::<Result<Vec<_>>>()?;
-            let key = Self::key(&runner.owner_id, &done.sha256)?;
+            let key = Self::key(&set.owner_id, &done.sha256)?;
             self.blobs
                 .complete_multipart(&key, &done.upload_id, &parts)
                 .await?;
         }
 
         let _objects = self.objects.lock().await;
-        let previous = self.store.output_files(runner_id).await?;
+        let previous = self.store.output_files(&set.set_id).await?;
         let missing = self
-            .missing(&runner.owner_id, &manifest.files, &previous)
+            .missing(&set.owner_id, &manifest.files, &previous)
             .await?;
         if let Some((sha256, _)) = missing.first() {
             let path = manifest
@@ -487,26 +546,29 @@ impl Outputs {
                 missing.len()
             )));
         }
-        let set = OutputSet {
-            runner_id: runner.id.clone(),
-            owner_id: runner.owner_id.clone(),
-            owner_name: runner.owner_name.clone(),
-            runner_name: runner.name.clone(),
+        let recorded = OutputSet {
+            runner_id: set.set_id.clone(),
+            owner_id: set.owner_id.clone(),
+            owner_name: set.owner_name.clone(),
+            runner_name: set.name.clone(),
             collected_at: now_ms(),
             file_count: manifest.files.len() as u64,
             total_bytes: manifest.files.iter().map(|f| f.size).sum(),
             skipped: manifest.skipped,
             deleted_at: None,
+            source: set.source,
         };
-        self.store.replace_outputs(&set, &manifest.files).await?;
+        self.store
+            .replace_outputs(&recorded, &manifest.files)
+            .await?;
         let kept: HashSet<&str> = manifest.files.iter().map(|f| f.sha256.as_str()).collect();
         let dropped: HashSet<&str> = previous
             .iter()
             .map(|f| f.sha256.as_str())
             .filter(|sha256| !kept.contains(sha256))
             .collect();
-        self.delete_unreferenced(&runner.owner_id, dropped).await?;
-        Ok(set)
+        self.delete_unreferenced(&set.owner_id, dropped).await?;
+        Ok(recorded)
     }
 
     /// Deletes the objects among `contents` that no output of `owner_id`

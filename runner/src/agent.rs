@@ -266,7 +266,8 @@ impl Runner {
                             let (outputs, out) = (self.outputs.clone(), out.clone());
                             let (channel, auth) = (channel.clone(), self.auth.clone());
                             self.tunnels.spawn(async move {
-                                let (report, error) = match outputs.collect(channel, auth).await {
+                                let sink = crate::outputs::Sink::runner(channel, auth);
+                                let (report, error) = match outputs.collect(sink).await {
                                     Ok(report) => (report, String::new()),
                                     Err(error) => {
                                         tracing::warn!(%error, "collecting outputs");

@@ -19,13 +19,15 @@ use std::{
 };
 
 use grad_proto::{
-    BeginPartUploadRequest, CommitOutputsRequest, CompletedPartUpload, OutputFile, OutputManifest,
+    BeginPartUploadRequest, CommitOutputsRequest, CompletedPartUpload, JobOutputs,
+    JobOutputsCommit, JobPartUpload, OutputFile, OutputManifest, OutputUploads, PartUpload,
     PresignedRequest, blob_upload::How, runner_agent_client::RunnerAgentClient,
+    worker_agent_client::WorkerAgentClient,
 };
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tonic::{
-    Request,
+    Request, Status,
     metadata::{Ascii, MetadataValue},
     transport::Channel,
 };
@@ -85,7 +87,7 @@ struct Found {
 
 pub struct Collector {
     root: PathBuf,
-    index_file: PathBuf,
+    index_file: Option<PathBuf>,
     http: grad_transfer::Client,
     /// One collection at a time, each updating the index.
     index: tokio::sync::Mutex<Index>,
@@ -94,26 +96,36 @@ pub struct Collector {
 impl Collector {
     /// Collects `workspace/outputs`, keeping its index in `state_dir`.
     pub fn new(workspace: &Path, state_dir: &Path) -> Result<Collector, grad_transfer::Error> {
-        let index_file = state_dir.join("outputs-index.json");
-        let index = fs::read(&index_file)
-            .ok()
+        Ok(Collector::of(
+            workspace.join("outputs"),
+            Some(state_dir.join("outputs-index.json")),
+            grad_transfer::Client::new()?,
+        ))
+    }
+
+    /// Collects `root`, with its index of hashes in `index_file` (none: a
+    /// directory collected once, such as a job's).
+    pub fn of(
+        root: PathBuf,
+        index_file: Option<PathBuf>,
+        http: grad_transfer::Client,
+    ) -> Collector {
+        let index = index_file
+            .as_ref()
+            .and_then(|file| fs::read(file).ok())
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
-        Ok(Collector {
-            root: workspace.join("outputs"),
+        Collector {
+            root,
             index_file,
-            http: grad_transfer::Client::new()?,
+            http,
             index: tokio::sync::Mutex::new(index),
-        })
+        }
     }
 
     /// One collection, start to end; the error says what went wrong in
     /// words for the user.
-    pub async fn collect(
-        &self,
-        channel: Channel,
-        auth: MetadataValue<Ascii>,
-    ) -> Result<Report, String> {
+    pub async fn collect(&self, mut sink: Sink) -> Result<Report, String> {
         let mut index = self.index.lock().await;
         let root = self.root.clone();
         let previous = std::mem::take(&mut index.files);
@@ -147,13 +159,10 @@ impl Collector {
         self.save(&index);
 
         let manifest = OutputManifest { files, skipped };
-        // Thousands of new files make an answer of many URLs.
-        let mut agent = RunnerAgentClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
-        let plan = agent
-            .plan_outputs(authed(&auth, manifest.clone()))
+        let plan = sink
+            .plan(manifest.clone())
             .await
-            .map_err(|s| format!("asking grad where to upload: {}", s.message()))?
-            .into_inner();
+            .map_err(|s| format!("asking grad where to upload: {}", s.message()))?;
 
         // Any file with the content will do as its source.
         let sources: HashMap<&str, &str> = manifest
@@ -178,7 +187,7 @@ impl Collector {
                 Some(How::Put(put)) => puts.push((put, file, 0, upload.size, path.to_string())),
                 Some(How::PartBytes(part_bytes)) => {
                     let (parts, done) = self
-                        .begin_parts(&mut agent, &auth, &file, path, &upload.sha256, part_bytes)
+                        .begin_parts(&mut sink, &file, path, &upload.sha256, part_bytes)
                         .await?;
                     let mut offset = 0;
                     for (index, put) in parts.into_iter().enumerate() {
@@ -204,24 +213,19 @@ impl Collector {
                 "outputs uploaded"
             );
         }
-        agent
-            .commit_outputs(authed(
-                &auth,
-                CommitOutputsRequest {
-                    manifest: Some(manifest),
-                    completed,
-                },
-            ))
-            .await
-            .map_err(|s| format!("recording the outputs in grad: {}", s.message()))?;
+        sink.commit(CommitOutputsRequest {
+            manifest: Some(manifest),
+            completed,
+        })
+        .await
+        .map_err(|s| format!("recording the outputs in grad: {}", s.message()))?;
         Ok(report)
     }
 
     /// Hashes `file`'s parts and starts its upload in parts.
     async fn begin_parts(
         &self,
-        agent: &mut RunnerAgentClient<Channel>,
-        auth: &MetadataValue<Ascii>,
+        sink: &mut Sink,
         file: &Path,
         path: &str,
         sha256: &str,
@@ -237,19 +241,15 @@ impl Collector {
         if digest.sha256 != sha256 {
             return Err(changed(path));
         }
-        let started = agent
-            .begin_part_upload(authed(
-                auth,
-                BeginPartUploadRequest {
-                    sha256: sha256.to_owned(),
-                    size: digest.size,
-                    part_bytes,
-                    part_sha256: digest.parts.clone(),
-                },
-            ))
+        let started = sink
+            .begin_parts(BeginPartUploadRequest {
+                sha256: sha256.to_owned(),
+                size: digest.size,
+                part_bytes,
+                part_sha256: digest.parts.clone(),
+            })
             .await
-            .map_err(|s| format!("uploading outputs/{path} in parts: {}", s.message()))?
-            .into_inner();
+            .map_err(|s| format!("uploading outputs/{path} in parts: {}", s.message()))?;
         let done = CompletedPartUpload {
             sha256: sha256.to_owned(),
             upload_id: started.upload_id,
@@ -296,8 +296,11 @@ impl Collector {
     /// Writes the index (0600, replaced atomically); a failure only costs
     /// hashing again next time.
     fn save(&self, index: &Index) {
+        let Some(index_file) = &self.index_file else {
+            return;
+        };
         let write = || -> std::io::Result<()> {
-            let temp = self.index_file.with_extension("json.tmp");
+            let temp = index_file.with_extension("json.tmp");
             let mut file = fs::OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -305,10 +308,10 @@ impl Collector {
                 .mode(0o600)
                 .open(&temp)?;
             file.write_all(&serde_json::to_vec(index).map_err(std::io::Error::other)?)?;
-            fs::rename(&temp, &self.index_file)
+            fs::rename(&temp, index_file)
         };
         if let Err(e) = write() {
-            tracing::warn!(file = %self.index_file.display(), error = %e, "saving the outputs index");
+            tracing::warn!(file = %index_file.display(), error = %e, "saving the outputs index");
         }
     }
 }
@@ -317,6 +320,101 @@ fn authed<T>(auth: &MetadataValue<Ascii>, message: T) -> Request<T> {
     let mut request = Request::new(message);
     request.metadata_mut().insert("authorization", auth.clone());
     request
+}
+
+/// Where a collection goes: a runner's outputs (its agent's token), or a
+/// job attempt's (the worker's token).
+pub enum Sink {
+    Runner {
+        client: RunnerAgentClient<Channel>,
+        auth: MetadataValue<Ascii>,
+    },
+    Job {
+        client: WorkerAgentClient<Channel>,
+        auth: MetadataValue<Ascii>,
+        id: String,
+        attempt: u32,
+    },
+}
+
+impl Sink {
+    pub fn runner(channel: Channel, auth: MetadataValue<Ascii>) -> Sink {
+        // Thousands of new files make an answer of many URLs.
+        let client = RunnerAgentClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+        Sink::Runner { client, auth }
+    }
+
+    pub fn job(channel: Channel, auth: MetadataValue<Ascii>, id: &str, attempt: u32) -> Sink {
+        let client = WorkerAgentClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+        Sink::Job {
+            client,
+            auth,
+            id: id.to_owned(),
+            attempt,
+        }
+    }
+
+    async fn plan(&mut self, manifest: OutputManifest) -> Result<OutputUploads, Status> {
+        Ok(match self {
+            Sink::Runner { client, auth } => client.plan_outputs(authed(auth, manifest)).await?,
+            Sink::Job {
+                client,
+                auth,
+                id,
+                attempt,
+            } => {
+                let message = JobOutputs {
+                    id: id.clone(),
+                    attempt: *attempt,
+                    manifest: Some(manifest),
+                };
+                client.plan_job_outputs(authed(auth, message)).await?
+            }
+        }
+        .into_inner())
+    }
+
+    async fn begin_parts(&mut self, upload: BeginPartUploadRequest) -> Result<PartUpload, Status> {
+        Ok(match self {
+            Sink::Runner { client, auth } => client.begin_part_upload(authed(auth, upload)).await?,
+            Sink::Job {
+                client,
+                auth,
+                id,
+                attempt,
+            } => {
+                let message = JobPartUpload {
+                    id: id.clone(),
+                    attempt: *attempt,
+                    upload: Some(upload),
+                };
+                client.begin_job_part_upload(authed(auth, message)).await?
+            }
+        }
+        .into_inner())
+    }
+
+    async fn commit(&mut self, commit: CommitOutputsRequest) -> Result<(), Status> {
+        match self {
+            Sink::Runner { client, auth } => {
+                client.commit_outputs(authed(auth, commit)).await?;
+            }
+            Sink::Job {
+                client,
+                auth,
+                id,
+                attempt,
+            } => {
+                let message = JobOutputsCommit {
+                    id: id.clone(),
+                    attempt: *attempt,
+                    commit: Some(commit),
+                };
+                client.commit_job_outputs(authed(auth, message)).await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// S3's (and grad's embedded store's) words for a body that is not the one

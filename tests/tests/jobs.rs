@@ -750,3 +750,92 @@ async fn jobs_no_worker_can_run_do_not_hide_the_ones_behind_them() {
         .unwrap();
     assert_eq!(done.state(), grad_proto::JobState::Succeeded, "{done:?}");
 }
+
+#[test]
+fn a_jobs_outputs_are_collected_when_it_ends_and_pulled() {
+    let grad = Grad::start();
+    let _worker = grad.start_agent(&grad.admin_token, "w1", &[], &[]);
+    let dir = project(
+        "name: makes-things\n\
+         command: mkdir -p results/plots; echo 'a,b' > results/table.csv; \
+         head -c 100000 /dev/urandom > results/plots/p.bin; sha256sum results/plots/p.bin\n\
+         outputs: results/\n",
+        &[],
+    );
+    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, done) = wait(&grad, &grad.admin_token, &id);
+    assert_eq!(code, 0, "{done}");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = grad
+        .gractl(&grad.admin_token)
+        .args([
+            "job",
+            "outputs",
+            &id,
+            tmp.path().to_str().unwrap(),
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", out.stderr_str());
+    let pulled = json(&out);
+    assert_eq!(
+        pulled["downloaded"],
+        serde_json::json!(["plots/p.bin", "table.csv"]),
+        "{pulled}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("table.csv")).unwrap(),
+        "a,b\n"
+    );
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(
+            std::fs::read(tmp.path().join("plots/p.bin")).unwrap(),
+        ))
+    };
+    assert!(
+        logs(&grad, &grad.admin_token, &id).starts_with(&digest),
+        "the pulled file differs from the one the job wrote"
+    );
+    // Job outputs are not runners' outputs.
+    let listed = json(&grad.run(&["outputs", "list", "-o", "json"]));
+    assert_eq!(listed["outputs"], serde_json::json!([]), "{listed}");
+
+    // An outputs directory that is a link out of the job is not followed.
+    std::fs::write(
+        dir.path().join("job.yaml"),
+        "name: links-out\ncommand: ln -s /etc results\noutputs: results/\n",
+    )
+    .unwrap();
+    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, done) = wait(&grad, &grad.admin_token, &id);
+    assert_eq!(code, 9, "{done}");
+    assert!(
+        done["reason"]
+            .as_str()
+            .unwrap()
+            .contains("outputs: results is a symbolic link"),
+        "{done}"
+    );
+    let out = grad
+        .gractl(&grad.admin_token)
+        .args([
+            "job",
+            "outputs",
+            &id,
+            tmp.path().join("etc").to_str().unwrap(),
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(json(&out)["downloaded"], serde_json::json!([]));
+}

@@ -58,6 +58,13 @@ pub enum JobCommand {
         #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_timeout)]
         timeout: Duration,
     },
+    /// Download the outputs the job collected (its last attempt's) to DIR
+    Outputs {
+        /// Job id (or a unique start of it)
+        id: String,
+        /// Where the files go [default: outputs/JOB]
+        dir: Option<PathBuf>,
+    },
     /// Print a job's log; with -f, follow it until the job ends (resuming
     /// where it was after a lost connection)
     Logs {
@@ -169,6 +176,13 @@ pub(super) async fn run(context: &Context, command: JobCommand) -> anyhow::Resul
             context.progress(&format!("waiting for job {id}..."));
             let job = client.wait_job(&id, timeout).await?;
             return ended(context, &job, false);
+        }
+        JobCommand::Outputs { id, dir } => {
+            let job = client.get_job(&id).await?;
+            let set = client.get_job_outputs(&job.id, true).await?;
+            let dir = dir.unwrap_or_else(|| PathBuf::from("outputs").join(&job.id));
+            let what = format!("job/{}", job.id);
+            super::outputs::download(context, &mut out, &set, &dir, &what, false).await?;
         }
         JobCommand::Logs { id, follow } => {
             drop(out);

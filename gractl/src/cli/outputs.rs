@@ -3,7 +3,7 @@
 
 use std::{
     io::{self, Write},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
 };
@@ -129,44 +129,8 @@ pub(super) async fn run(context: &Context, command: OutputsCommand) -> anyhow::R
             let collected_now = !no_collect && collect_if_ready(context, &client, &runner).await?;
             let set = client.get_outputs(&runner, true).await?;
             let dir = dir.unwrap_or_else(|| PathBuf::from("outputs").join(&set.runner));
-            let bar = context.progress_bar(outputs::total_bytes(&set));
-            let progress: grad_transfer::Progress = {
-                let bar = bar.clone();
-                Arc::new(move |n| bar.inc(n))
-            };
-            let pulled = outputs::pull(&set, &dir, Some(progress)).await;
-            bar.finish_and_clear();
-            let pulled = pulled?;
-            match context.format {
-                Format::Table => {
-                    let files = pulled.downloaded.len();
-                    write!(
-                        out,
-                        "pulled {files} file{} ({}) from runner/{} into {}",
-                        plural(files),
-                        HumanBytes(pulled.downloaded_bytes),
-                        set.runner,
-                        dir.display()
-                    )?;
-                    if !pulled.unchanged.is_empty() {
-                        write!(out, "; {} unchanged", pulled.unchanged.len())?;
-                    }
-                    writeln!(out)?;
-                }
-                Format::Json | Format::Ndjson => output::write_json(
-                    &mut out,
-                    &output::Pulled {
-                        runner: set.runner.clone(),
-                        runner_id: set.runner_id.clone(),
-                        dir: dir.display().to_string(),
-                        collected_now,
-                        collected: set.collect_time.as_ref().map(ToString::to_string),
-                        downloaded: pulled.downloaded,
-                        downloaded_bytes: pulled.downloaded_bytes,
-                        unchanged: pulled.unchanged,
-                    },
-                )?,
-            }
+            let what = format!("runner/{}", set.runner);
+            download(context, &mut out, &set, &dir, &what, collected_now).await?;
         }
         OutputsCommand::Remove { runner } => {
             let set = client.delete_outputs(&runner).await?;
@@ -181,6 +145,56 @@ pub(super) async fn run(context: &Context, command: OutputsCommand) -> anyhow::R
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Pulls `set` (with download URLs) into `dir`, with a progress bar, and
+/// says what moved; `what` names where it came from (`runner/r1`, `job/ID`).
+pub(super) async fn download(
+    context: &Context,
+    out: &mut impl Write,
+    set: &OutputSet,
+    dir: &Path,
+    what: &str,
+    collected_now: bool,
+) -> anyhow::Result<()> {
+    let bar = context.progress_bar(outputs::total_bytes(set));
+    let progress: grad_transfer::Progress = {
+        let bar = bar.clone();
+        Arc::new(move |n| bar.inc(n))
+    };
+    let pulled = outputs::pull(set, dir, Some(progress)).await;
+    bar.finish_and_clear();
+    let pulled = pulled?;
+    match context.format {
+        Format::Table => {
+            let files = pulled.downloaded.len();
+            write!(
+                out,
+                "pulled {files} file{} ({}) from {what} into {}",
+                plural(files),
+                HumanBytes(pulled.downloaded_bytes),
+                dir.display()
+            )?;
+            if !pulled.unchanged.is_empty() {
+                write!(out, "; {} unchanged", pulled.unchanged.len())?;
+            }
+            writeln!(out)?;
+        }
+        Format::Json | Format::Ndjson => output::write_json(
+            out,
+            &output::Pulled {
+                runner: set.runner.clone(),
+                runner_id: set.runner_id.clone(),
+                dir: dir.display().to_string(),
+                collected_now,
+                collected: set.collect_time.as_ref().map(ToString::to_string),
+                downloaded: pulled.downloaded,
+                downloaded_bytes: pulled.downloaded_bytes,
+                unchanged: pulled.unchanged,
+            },
+        )?,
     }
     Ok(())
 }

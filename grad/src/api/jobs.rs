@@ -14,6 +14,7 @@ use super::{Api, RpcResult, timestamp};
 use crate::{
     auth::{self, Caller},
     jobs::{Outcome, Runs, Spec, UploadedLog},
+    outputs::Collecting,
     store::{self, JobState},
 };
 
@@ -126,6 +127,25 @@ impl JobsRpc for Api {
         Ok(Response::new(job_to_pb(job)?))
     }
 
+    async fn get_job_outputs(
+        &self,
+        req: Request<pb::GetJobOutputsRequest>,
+    ) -> RpcResult<pb::OutputSet> {
+        let caller = auth::user(&req)?;
+        let msg = req.get_ref();
+        let job = self.jobs.get(caller, &msg.id).await?;
+        let found = self.outputs.of_job(&job).await?;
+        let urls = match msg.download_urls {
+            true => Some(self.outputs.download_urls(&found).await?),
+            false => None,
+        };
+        Ok(Response::new(super::outputs::set_to_pb(
+            &found.set,
+            &found.files,
+            urls.as_ref(),
+        )))
+    }
+
     async fn stream_logs(&self, req: Request<pb::StreamLogsRequest>) -> RpcResult<LogStream> {
         let caller = auth::user(&req)?;
         let msg = req.get_ref();
@@ -183,6 +203,18 @@ impl WorkersRpc for Api {
 }
 
 impl Api {
+    /// The output set of the worker's running attempt `id`/`attempt`.
+    async fn job_set<T>(
+        &self,
+        req: &Request<T>,
+        id: &str,
+        attempt: u32,
+    ) -> Result<Collecting, Status> {
+        let runs = self.runs(req, Default::default()).await?;
+        let job = self.jobs.attempt_of(&runs, id, attempt).await?;
+        Ok(Collecting::job(&job))
+    }
+
     /// The worker (or runner) making a worker-side call.
     async fn runs<T>(
         &self,
@@ -265,6 +297,51 @@ impl WorkerAgent for Api {
         Ok(Response::new(pb::CreateUploadResponse {
             upload: upload.as_ref().map(Into::into),
         }))
+    }
+
+    async fn plan_job_outputs(&self, req: Request<pb::JobOutputs>) -> RpcResult<pb::OutputUploads> {
+        let set = self
+            .job_set(&req, &req.get_ref().id, req.get_ref().attempt)
+            .await?;
+        let manifest = req.into_inner().manifest.unwrap_or_default();
+        let uploads = self.outputs.plan(&set, manifest).await?;
+        Ok(Response::new(pb::OutputUploads {
+            uploads: uploads
+                .into_iter()
+                .map(super::outputs::upload_to_pb)
+                .collect(),
+        }))
+    }
+
+    async fn begin_job_part_upload(
+        &self,
+        req: Request<pb::JobPartUpload>,
+    ) -> RpcResult<pb::PartUpload> {
+        let set = self
+            .job_set(&req, &req.get_ref().id, req.get_ref().attempt)
+            .await?;
+        let upload = req.into_inner().upload.unwrap_or_default();
+        let multipart = self.outputs.begin_parts(&set, upload).await?;
+        Ok(Response::new(pb::PartUpload {
+            upload_id: multipart.upload_id,
+            parts: multipart.parts.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn commit_job_outputs(
+        &self,
+        req: Request<pb::JobOutputsCommit>,
+    ) -> RpcResult<pb::OutputSet> {
+        let set = self
+            .job_set(&req, &req.get_ref().id, req.get_ref().attempt)
+            .await?;
+        let commit = req.into_inner().commit.unwrap_or_default();
+        let recorded = self.outputs.commit(&set, commit).await?;
+        Ok(Response::new(super::outputs::set_to_pb(
+            &recorded,
+            &[],
+            None,
+        )))
     }
 
     async fn finish_job(&self, req: Request<pb::FinishJobRequest>) -> RpcResult<pb::Job> {

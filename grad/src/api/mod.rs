@@ -489,7 +489,8 @@ impl RunnerAgent for Api {
 
     async fn plan_outputs(&self, req: Request<pb::OutputManifest>) -> RpcResult<pb::OutputUploads> {
         let runner_id = self.current_runner(&req).await?;
-        let uploads = self.outputs.plan(&runner_id, req.into_inner()).await?;
+        let set = self.outputs.runner_set(&runner_id).await?;
+        let uploads = self.outputs.plan(&set, req.into_inner()).await?;
         Ok(Response::new(pb::OutputUploads {
             uploads: uploads.into_iter().map(outputs::upload_to_pb).collect(),
         }))
@@ -500,10 +501,8 @@ impl RunnerAgent for Api {
         req: Request<pb::BeginPartUploadRequest>,
     ) -> RpcResult<pb::PartUpload> {
         let runner_id = self.current_runner(&req).await?;
-        let multipart = self
-            .outputs
-            .begin_parts(&runner_id, req.into_inner())
-            .await?;
+        let set = self.outputs.runner_set(&runner_id).await?;
+        let multipart = self.outputs.begin_parts(&set, req.into_inner()).await?;
         Ok(Response::new(pb::PartUpload {
             upload_id: multipart.upload_id,
             parts: multipart
@@ -519,8 +518,9 @@ impl RunnerAgent for Api {
         req: Request<pb::CommitOutputsRequest>,
     ) -> RpcResult<pb::OutputSet> {
         let runner_id = self.current_runner(&req).await?;
-        let set = self.outputs.commit(&runner_id, req.into_inner()).await?;
-        Ok(Response::new(outputs::set_to_pb(&set, &[], None)))
+        let set = self.outputs.runner_set(&runner_id).await?;
+        let recorded = self.outputs.commit(&set, req.into_inner()).await?;
+        Ok(Response::new(outputs::set_to_pb(&recorded, &[], None)))
     }
 
     async fn attach(&self, req: Request<Streaming<AgentMessage>>) -> RpcResult<CommandStream> {

@@ -485,7 +485,7 @@ impl Jobs {
     }
 
     /// The worker's running attempt of job `id`.
-    async fn attempt_of(&self, runs: &Runs, id: &str, attempt: u32) -> Result<store::Job> {
+    pub async fn attempt_of(&self, runs: &Runs, id: &str, attempt: u32) -> Result<store::Job> {
         let job = self
             .store
             .job(id)

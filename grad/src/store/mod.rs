@@ -11,10 +11,8 @@ use sqlx::{
 
 use crate::error::{Error, Result};
 
-mod outputs;
 mod secrets;
 
-pub use outputs::{OutputFile, OutputSet};
 pub use secrets::Secret;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -144,8 +142,10 @@ macro_rules! text_enum {
 
 // After the macro: the modules below use it.
 mod jobs;
+mod outputs;
 
 pub use jobs::{Attempt, Job, JobState, LogLine, Worker};
+pub use outputs::{OutputFile, OutputSet, Source};
 
 text_enum!(Role { Admin => "admin", User => "user" });
 text_enum!(Plan { Free => "free", Pro => "pro" });

@@ -5,9 +5,11 @@ use sqlx::{Row, any::AnyRow};
 use super::{Store, now_ms};
 use crate::error::{Error, Result};
 
-/// A runner's last collection (one per runner id; kept after a delete).
+/// A runner's last collection (one per runner id; kept after a delete),
+/// or a job's (one per job id).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputSet {
+    /// The runner's id, or the job's.
     pub runner_id: String,
     pub owner_id: String,
     pub owner_name: String,
@@ -19,7 +21,17 @@ pub struct OutputSet {
     pub skipped: Vec<String>,
     /// When the runner was deleted; `None` while it exists.
     pub deleted_at: Option<i64>,
+    pub source: Source,
 }
+
+/// Whose outputs a set holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Runner,
+    Job,
+}
+
+text_enum!(Source { Runner => "runner", Job => "job" });
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputFile {
@@ -30,7 +42,7 @@ pub struct OutputFile {
 }
 
 const SET_COLUMNS: &str = "s.runner_id, s.owner_id, u.name AS owner_name, s.runner_name, \
-     s.collected_at, s.file_count, s.total_bytes, s.skipped, s.deleted_at";
+     s.collected_at, s.file_count, s.total_bytes, s.skipped, s.deleted_at, s.source";
 
 /// Rows per INSERT when a set's files are written (5 parameters each).
 const INSERT_BATCH: usize = 200;
@@ -48,6 +60,7 @@ fn set_from_row(row: &AnyRow) -> Result<OutputSet> {
             Error::FailedPrecondition(format!("an output set's skipped files in the store: {e}"))
         })?,
         deleted_at: row.try_get("deleted_at")?,
+        source: super::parse_column(row, "source")?,
     })
 }
 
@@ -73,6 +86,7 @@ impl Store {
         let row = sqlx::query(&format!(
             "SELECT {SET_COLUMNS} FROM output_sets s JOIN users u ON u.id = s.owner_id \
              WHERE s.owner_id = $1 AND s.runner_name = $2 AND s.deleted_at IS NOT NULL \
+             AND s.source = 'runner' \
              ORDER BY s.deleted_at DESC LIMIT 1"
         ))
         .bind(owner_id)
@@ -82,15 +96,17 @@ impl Store {
         row.as_ref().map(set_from_row).transpose()
     }
 
-    /// Every set of `owner_id` (everyone's with `None`), by runner name,
-    /// live runners before deleted ones, newest first.
+    /// Every runner's set of `owner_id` (everyone's with `None`), by runner
+    /// name, live runners before deleted ones, newest first.
     pub async fn output_sets(&self, owner_id: Option<&str>) -> Result<Vec<OutputSet>> {
-        let base =
-            format!("SELECT {SET_COLUMNS} FROM output_sets s JOIN users u ON u.id = s.owner_id");
+        let base = format!(
+            "SELECT {SET_COLUMNS} FROM output_sets s JOIN users u ON u.id = s.owner_id \
+             WHERE s.source = 'runner'"
+        );
         let order = "ORDER BY u.name, s.runner_name, s.deleted_at IS NOT NULL, s.deleted_at DESC";
         let rows = match owner_id {
             Some(owner) => {
-                sqlx::query(&format!("{base} WHERE s.owner_id = $1 {order}"))
+                sqlx::query(&format!("{base} AND s.owner_id = $1 {order}"))
                     .bind(owner)
                     .fetch_all(&self.pool)
                     .await?
@@ -140,7 +156,7 @@ impl Store {
             .await?;
         sqlx::query(
             "INSERT INTO output_sets (runner_id, owner_id, runner_name, collected_at, file_count, \
-             total_bytes, skipped, deleted_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             total_bytes, skipped, deleted_at, source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&set.runner_id)
         .bind(&set.owner_id)
@@ -150,6 +166,7 @@ impl Store {
         .bind(set.total_bytes as i64)
         .bind(skipped)
         .bind(set.deleted_at)
+        .bind(set.source.as_str())
         .execute(&mut *tx)
         .await?;
         for batch in files.chunks(INSERT_BATCH) {

@@ -59,6 +59,11 @@ impl Auth {
             .map_err(|_| Error::Token)
     }
 
+    /// The header value itself, for clients that add it on their own.
+    pub fn header(&self) -> MetadataValue<Ascii> {
+        self.0.clone()
+    }
+
     pub fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         request

@@ -103,6 +103,12 @@ pub async fn attempt(worker: Arc<Worker>, job: ClaimedJob, stopping: Cancellatio
     } else {
         ended
     };
+    let ended = match ended {
+        Ended::Exited(_) | Ended::TimedOut | Ended::Cancelled => {
+            collect_outputs(&worker, &job, &dir, ended).await
+        }
+        other => other,
+    };
     if !matches!(ended, Ended::Abandoned) {
         // Every line reaches grad before the outcome does.
         let _ = shipper.await;
@@ -114,6 +120,68 @@ pub async fn attempt(worker: Arc<Worker>, job: ClaimedJob, stopping: Cancellatio
     }
     renewer.abort();
     let _ = tokio::fs::remove_dir_all(&base).await;
+}
+
+/// The job's outputs directory inside `dir`, if it is there and is a real
+/// directory all the way down: a symbolic link planted by the job (in a
+/// container, say) must not make the worker read the host.
+fn outputs_root(dir: &Path, outputs: &str) -> Result<Option<std::path::PathBuf>, String> {
+    let mut at = dir.to_path_buf();
+    for part in outputs.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(format!(
+                    "outputs: {} is a symbolic link; outputs are not collected through links",
+                    at.strip_prefix(dir).unwrap_or(&at).display()
+                ));
+            }
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(format!("outputs: {outputs} is not a directory")),
+            Err(_) => return Ok(None),
+        }
+    }
+    Ok(Some(at))
+}
+
+/// Collects the job's outputs directory for this attempt. A job that
+/// succeeded but whose outputs cannot be kept fails with the reason; a job
+/// that failed keeps its own reason.
+async fn collect_outputs(worker: &Worker, job: &ClaimedJob, dir: &Path, ended: Ended) -> Ended {
+    let outputs = job
+        .spec
+        .as_ref()
+        .map(|s| s.outputs.as_str())
+        .unwrap_or("outputs");
+    let result = match outputs_root(dir, outputs) {
+        Ok(None) => return ended,
+        Ok(Some(root)) => {
+            let collector = crate::outputs::Collector::of(root, None, worker.http.clone());
+            let sink = crate::outputs::Sink::job(
+                worker.channel.clone(),
+                worker.auth.header(),
+                &job.id,
+                job.attempt,
+            );
+            collector.collect(sink).await.map(|report| {
+                tracing::info!(
+                    job = %job.id, files = report.uploaded_files, bytes = report.uploaded_bytes,
+                    "job outputs collected"
+                );
+            })
+        }
+        Err(why) => Err(why),
+    };
+    match (result, ended) {
+        (Ok(()), ended) => ended,
+        (Err(why), Ended::Exited(0)) => Ended::Error(format!(
+            "the job exited 0 but its outputs were not kept: {why}"
+        )),
+        (Err(why), ended) => {
+            tracing::warn!(job = %job.id, error = %why, "collecting the outputs of a failed job");
+            ended
+        }
+    }
 }
 
 /// Renews the lease until aborted; `cancel` when grad says so, `lost` when

@@ -12,6 +12,7 @@
 //! retries: 1
 //! timeout: 2h
 //! labels: { zone: eu }           # run only on workers with these labels
+//! runner: r1                     # run on this runner of yours
 //! ```
 //!
 //! Unknown keys are errors, and every error names the file, the line where
@@ -59,6 +60,8 @@ pub struct JobFile {
     pub timeout: Option<Timeout>,
     #[serde(default)]
     pub labels: BTreeMap<String, Scalar>,
+    #[serde(default)]
+    pub runner: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -268,6 +271,7 @@ impl JobFile {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.0.clone()))
                 .collect(),
+            runner: self.runner.clone().unwrap_or_default(),
         }
     }
 }

@@ -24,6 +24,8 @@ CREATE TABLE jobs (
     -- What a worker must have, copied from the spec for the claim's query.
     gpus BIGINT NOT NULL,
     needs_docker BIGINT NOT NULL,
+    -- The runner (id) the job must run on; '' for any worker.
+    target_runner TEXT NOT NULL,
     state TEXT NOT NULL,
     reason TEXT NOT NULL,
     exit_code BIGINT,

@@ -2,6 +2,8 @@
 //! heartbeats, runs the code grad sends in the kernel sessions and streams
 //! the events back, and serves tunnels: when grad asks, it dials back
 //! (`RunnerAgent.Tunnel`) and runs the embedded SSH server over that stream.
+//! It also runs its owner's batch jobs, as a worker ([`crate::jobs`]) with its
+//! runner token.
 //! Reconnects with backoff when the stream drops, so a grad restart loses
 //! nothing.
 
@@ -111,6 +113,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let datasets = Arc::new(Mounts::new(&config.workspace, &config.state_dir));
     let outputs = Arc::new(Collector::new(&config.workspace, &config.state_dir)?);
+    // A runner is also a worker for its owner's batch jobs.
+    let jobs_stop = shutdown.child_token();
+    let jobs = tokio::spawn(crate::jobs::serve(
+        crate::jobs::Config {
+            server: config.server.clone(),
+            token: config.token.clone(),
+            work_dir: config.state_dir.join("jobs"),
+            gpus: visible_gpus(),
+            max_jobs: 1,
+            docker: true,
+        },
+        jobs_stop.clone(),
+    ));
     let runner = Runner {
         config,
         endpoint,
@@ -153,6 +168,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     };
     runner.tunnels.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), runner.tunnels.wait()).await;
+    jobs_stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(10), jobs).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the runner's job worker"),
+        Ok(_) => {}
+        Err(_) => tracing::warn!("the runner's job worker did not stop within 10s"),
+    }
     runner.datasets.unmount_all().await;
     runner.sessions.shutdown().await;
     result
@@ -374,6 +395,13 @@ async fn run_code(
         }))
         .await;
     request_id
+}
+
+/// The GPUs grad gave this runner (CUDA_VISIBLE_DEVICES, a list of indices).
+fn visible_gpus() -> u32 {
+    std::env::var("CUDA_VISIBLE_DEVICES")
+        .map(|list| list.split(',').filter(|d| !d.trim().is_empty()).count() as u32)
+        .unwrap_or(0)
 }
 
 fn hostname() -> String {

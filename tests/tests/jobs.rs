@@ -839,3 +839,54 @@ fn a_jobs_outputs_are_collected_when_it_ends_and_pulled() {
         .unwrap();
     assert_eq!(json(&out)["downloaded"], serde_json::json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runners_run_their_owners_jobs_and_the_jobs_that_name_them() {
+    let grad = Grad::with_runners(&["r1"]).await;
+    let dir = project("name: anywhere\ncommand: echo \"on $GRAD_JOB_ID\"\n", &[]);
+    // No standing worker: the owner's runner takes it.
+    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, done) = wait(&grad, &grad.admin_token, &id);
+    assert_eq!(
+        (code, done["worker"].as_str()),
+        (0, Some("runner/r1")),
+        "{done}"
+    );
+    assert_eq!(logs(&grad, &grad.admin_token, &id), format!("on {id}\n"));
+
+    // A job that names r1 goes to r1, not to a standing worker.
+    let _worker = grad.start_agent(&grad.admin_token, "w1", &[], &[]);
+    std::fs::write(
+        dir.path().join("job.yaml"),
+        "name: on-r1\ncommand: true\nrunner: r1\n",
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (code, done) = wait(&grad, &grad.admin_token, &id);
+        assert_eq!(
+            (code, done["worker"].as_str()),
+            (0, Some("runner/r1")),
+            "{done}"
+        );
+    }
+    let out = grad.run(&[
+        "job",
+        "submit",
+        dir.path().to_str().unwrap(),
+        "--runner",
+        "nope",
+    ]);
+    assert_eq!(out.code(), 4, "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("you have no runner 'nope'"),
+        "{}",
+        out.stderr_str()
+    );
+}

@@ -89,6 +89,9 @@ pub struct SubmitArgs {
     /// Print the job's log as it runs, then exit as --wait does
     #[arg(long)]
     follow: bool,
+    /// Run it on this runner of yours (instead of job.yaml's `runner`)
+    #[arg(long, value_name = "NAME")]
+    runner: Option<String>,
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, QuantityError> {
@@ -112,7 +115,11 @@ pub(super) async fn run(context: &Context, command: JobCommand) -> anyhow::Resul
                 .into());
             }
             let file = job::file_in(&dir, args.file.as_deref());
-            Some((dir, JobFile::load(&file)?))
+            let mut spec = JobFile::load(&file)?;
+            if args.runner.is_some() {
+                spec.runner = args.runner.clone();
+            }
+            Some((dir, spec))
         }
         _ => None,
     };

@@ -59,6 +59,9 @@ impl Default for Timing {
 pub struct Runs {
     pub worker: store::Worker,
     pub capabilities: pb::WorkerCapabilities,
+    /// A runner's agent (the worker's id is the runner's), not a standing
+    /// worker: it also takes the jobs that name it.
+    pub runner: bool,
 }
 
 /// What a worker gets with a claimed job.
@@ -195,6 +198,17 @@ impl Jobs {
             .await?
             .map_or(caller.plan, |u| u.plan);
         let spec = Spec::from_pb(spec, plan)?;
+        let target_runner = if spec.runner.is_empty() {
+            String::new()
+        } else {
+            self.store
+                .runner_by_name(&caller.id, &spec.runner)
+                .await?
+                .ok_or_else(|| {
+                    Error::NotFound(format!("runner: you have no runner '{}'", spec.runner))
+                })?
+                .id
+        };
         let sha256 = Sha256::parse(bundle_sha256)?;
         let bundle = self
             .blobs
@@ -223,6 +237,7 @@ impl Jobs {
             bundle_size: bundle.size,
             gpus: spec.gpus,
             needs_docker: !spec.image.is_empty(),
+            target_runner,
             state: JobState::Queued,
             reason: String::new(),
             exit_code: None,
@@ -356,6 +371,7 @@ impl Jobs {
     fn can_run(runs: &Runs, job: &store::Job, spec: &Spec) -> bool {
         let worker = &runs.worker;
         (worker.shared || worker.owner_id == job.owner_id)
+            && (job.target_runner.is_empty() || job.target_runner == worker.id)
             && spec.gpus <= runs.capabilities.gpus
             && (spec.image.is_empty() || runs.capabilities.docker)
             && spec
@@ -383,6 +399,7 @@ impl Jobs {
                         owner,
                         caps.gpus,
                         caps.docker,
+                        runs.runner.then_some(runs.worker.id.as_str()),
                         after.as_ref().map(|(t, id)| (*t, id.as_str())),
                         CLAIM_SCAN,
                     )

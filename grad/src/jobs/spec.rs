@@ -45,6 +45,8 @@ pub struct Spec {
     pub timeout_ms: u64,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub runner: String,
 }
 
 /// What environment variable names may be: `[A-Za-z_][A-Za-z0-9_]*`.
@@ -201,6 +203,9 @@ impl Spec {
         }
         let labels: BTreeMap<String, String> = spec.labels.into_iter().collect();
         validate_labels(&labels)?;
+        if !spec.runner.is_empty() {
+            validate_name("runner", &spec.runner)?;
+        }
         Ok(Spec {
             outputs: if outputs.is_empty() {
                 "outputs".into()
@@ -218,6 +223,7 @@ impl Spec {
             retries: spec.retries,
             timeout_ms: spec.timeout_ms,
             labels,
+            runner: spec.runner,
         })
     }
 
@@ -235,6 +241,7 @@ impl Spec {
             retries: self.retries,
             timeout_ms: self.timeout_ms,
             labels: self.labels.clone().into_iter().collect(),
+            runner: self.runner.clone(),
         }
     }
 

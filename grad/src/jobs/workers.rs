@@ -82,6 +82,7 @@ impl Workers {
         caller: &Caller,
         capabilities: pb::WorkerCapabilities,
     ) -> Result<Runs> {
+        let runner = matches!(caller, Caller::Runner { .. });
         let worker = match caller {
             Caller::Worker {
                 worker_id,
@@ -139,6 +140,7 @@ impl Workers {
         Ok(Runs {
             worker,
             capabilities,
+            runner,
         })
     }
 }

@@ -21,6 +21,8 @@ pub struct Job {
     pub bundle_size: u64,
     pub gpus: u32,
     pub needs_docker: bool,
+    /// The runner (id) it must run on; "" for any worker.
+    pub target_runner: String,
     pub state: JobState,
     pub reason: String,
     pub exit_code: Option<i32>,
@@ -98,7 +100,7 @@ pub struct Worker {
 }
 
 const JOB_COLUMNS: &str = "j.id, j.owner_id, u.name AS owner_name, j.name, j.spec, \
-     j.bundle_sha256, j.bundle_size, j.gpus, j.needs_docker, j.state, j.reason, j.exit_code, j.attempt, j.max_attempts, \
+     j.bundle_sha256, j.bundle_size, j.gpus, j.needs_docker, j.target_runner, j.state, j.reason, j.exit_code, j.attempt, j.max_attempts, \
      j.worker_id, j.worker_name, j.lease_expires_at, j.cancelled_by, j.created_at, j.started_at, \
      j.finished_at, j.updated_at";
 
@@ -119,6 +121,7 @@ fn job_from_row(row: &AnyRow) -> Result<Job> {
         bundle_size: row.try_get::<i64, _>("bundle_size")? as u64,
         gpus: row.try_get::<i64, _>("gpus")? as u32,
         needs_docker: row.try_get::<i64, _>("needs_docker")? != 0,
+        target_runner: row.try_get("target_runner")?,
         state: parse_column(row, "state")?,
         reason: row.try_get("reason")?,
         exit_code: row
@@ -159,10 +162,10 @@ impl Store {
     pub async fn insert_job(&self, job: &Job) -> Result<()> {
         sqlx::query(
             "INSERT INTO jobs (id, owner_id, name, spec, bundle_sha256, bundle_size, gpus, \
-             needs_docker, state, reason, exit_code, attempt, max_attempts, worker_id, \
-             worker_name, lease_expires_at, cancelled_by, created_at, started_at, finished_at, \
-             updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11, $12, NULL, \
-             '', NULL, '', $13, NULL, NULL, $13)",
+             needs_docker, target_runner, state, reason, exit_code, attempt, max_attempts, \
+             worker_id, worker_name, lease_expires_at, cancelled_by, created_at, started_at, \
+             finished_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $14, $9, $10, NULL, \
+             $11, $12, NULL, '', NULL, '', $13, NULL, NULL, $13)",
         )
         .bind(&job.id)
         .bind(&job.owner_id)
@@ -177,6 +180,7 @@ impl Store {
         .bind(i64::from(job.attempt))
         .bind(i64::from(job.max_attempts))
         .bind(job.created_at)
+        .bind(&job.target_runner)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -231,12 +235,15 @@ impl Store {
 
     /// Up to `limit` queued jobs a worker with `gpus` (and Docker, with
     /// `docker`) could run, oldest first, after `after` (created_at, id) —
-    /// of `owner_id` only unless `None`.
+    /// of `owner_id` only unless `None`; with `runner`, also the jobs that
+    /// must run on that runner (else only the ones any worker may run).
+    #[allow(clippy::too_many_arguments)] // the claim's query, one field each
     pub async fn queued_jobs(
         &self,
         owner_id: Option<&str>,
         gpus: u32,
         docker: bool,
+        runner: Option<&str>,
         after: Option<(i64, &str)>,
         limit: u32,
     ) -> Result<Vec<Job>> {
@@ -246,6 +253,7 @@ impl Store {
              WHERE j.state = 'queued' AND j.gpus <= $1 AND j.needs_docker <= $2 \
              AND ($3 = '' OR j.owner_id = $3) \
              AND (j.created_at > $4 OR (j.created_at = $4 AND j.id > $5)) \
+             AND (j.target_runner = '' OR j.target_runner = $7) \
              ORDER BY j.created_at, j.id LIMIT $6"
         );
         let rows = sqlx::query(&sql)
@@ -255,6 +263,8 @@ impl Store {
             .bind(after_time)
             .bind(after_id)
             .bind(i64::from(limit))
+            // '' matches only jobs without a target.
+            .bind(runner.unwrap_or_default())
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(job_from_row).collect()

@@ -15,6 +15,7 @@ pub mod datasets;
 pub mod error;
 pub mod exec;
 pub mod jobs;
+pub mod names;
 pub mod outputs;
 pub mod runners;
 pub mod sealed;

@@ -85,21 +85,7 @@ pub struct Runners {
 
 /// Checks a runner name: a DNS label, so it is also a valid pod name part.
 pub fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && !name.ends_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "invalid runner name '{name}': use 1-{MAX_NAME} lowercase letters, digits and '-', \
-             starting with a letter and not ending with '-'"
-        )))
-    }
+    crate::names::dns_label("runner name", name, MAX_NAME)
 }
 
 /// Fills in defaults (zero means "default") and checks the limits.

@@ -50,6 +50,14 @@ fn submit(grad: &Grad, token: &str, dir: &Path) -> Value {
     json(&out)
 }
 
+/// Submits `dir` and answers the new job's id.
+fn submit_id(grad: &Grad, token: &str, dir: &Path) -> String {
+    submit(grad, token, dir)["job"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 fn job(grad: &Grad, token: &str, id: &str) -> Value {
     let out = grad
         .gractl(token)
@@ -253,10 +261,7 @@ fn a_killed_workers_job_goes_back_to_the_queue_and_another_worker_finishes_it() 
         ),
         &[],
     );
-    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&grad, &grad.admin_token, dir.path());
     let running = wait_for_state(&grad, &grad.admin_token, &id, "running");
     assert_eq!(running["worker"], "w1");
     wait_until(
@@ -303,10 +308,7 @@ fn a_grad_restart_in_the_middle_of_a_job_loses_nothing() {
         "name: long\ncommand: for i in $(seq 1 40); do echo line $i; sleep 0.05; done\n",
         &[],
     );
-    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&grad, &grad.admin_token, dir.path());
     wait_for_state(&grad, &grad.admin_token, &id, "running");
     grad.restart_status();
     let (code, done) = wait(&grad, &grad.admin_token, &id);
@@ -321,10 +323,7 @@ fn cancel_stops_a_running_job_within_seconds_and_a_queued_one_at_once() {
     let grad = Grad::start();
     let _worker = grad.start_agent(&grad.admin_token, "w1", &[], &[]);
     let dir = project("name: sleeper\ncommand: echo started; sleep 60\n", &[]);
-    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&grad, &grad.admin_token, dir.path());
     wait_for_state(&grad, &grad.admin_token, &id, "running");
     let asked = Instant::now();
     let out = grad.run(&["job", "cancel", &id]);
@@ -347,10 +346,7 @@ fn cancel_stops_a_running_job_within_seconds_and_a_queued_one_at_once() {
         "name: nowhere\ncommand: true\nlabels: { zone: mars }\n",
     )
     .unwrap();
-    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&grad, &grad.admin_token, dir.path());
     let cancelled = json(&grad.run(&["job", "cancel", &id, "-o", "json"]));
     assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
 }
@@ -360,10 +356,7 @@ fn a_timeout_fails_the_job() {
     let grad = Grad::start();
     let _worker = grad.start_agent(&grad.admin_token, "w1", &[], &[]);
     let dir = project("name: slow\ncommand: sleep 60\ntimeout: 1s\n", &[]);
-    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&grad, &grad.admin_token, dir.path());
     let (code, done) = wait(&grad, &grad.admin_token, &id);
     assert_eq!(code, 9);
     assert_eq!(
@@ -488,10 +481,7 @@ fn workers_run_only_their_owners_jobs_and_jobs_are_private() {
     let bob = grad.add_user("bob", &[]);
     let _alices_worker = grad.start_agent(&alice, "alice-w", &[], &[]);
     let dir = project("name: bobs\ncommand: echo bob\n", &[]);
-    let id = submit(&grad, &bob, dir.path())["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&grad, &bob, dir.path());
     // Alice's worker is idle and polling, yet bob's job stays queued.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(job(&grad, &bob, &id)["state"], "queued");
@@ -528,10 +518,7 @@ fn logs_follow_the_job_live() {
         "name: live\ncommand: echo first; sleep 3; echo second\n",
         &[],
     );
-    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&grad, &grad.admin_token, dir.path());
     let mut follow = grad
         .gractl(&grad.admin_token)
         .args(["job", "logs", "-f", &id])
@@ -569,12 +556,7 @@ async fn several_workers_never_run_the_same_attempt() {
     let client = grad.admin().await;
     let mut ids = Vec::new();
     for _ in 0..30 {
-        ids.push(
-            submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(submit_id(&grad, &grad.admin_token, dir.path()));
     }
     for id in &ids {
         let done = client.wait_job(id, Duration::from_secs(60)).await.unwrap();
@@ -630,10 +612,7 @@ fn docker_jobs_run_in_ephemeral_containers_with_gpu_device_requests() {
         ),
         &[("data.txt", "from the bundle\n")],
     );
-    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&grad, &grad.admin_token, dir.path());
     let (code, done) = wait(&grad, &grad.admin_token, &id);
     assert_eq!(code, 0, "{done}");
     let printed = logs(&grad, &grad.admin_token, &id);
@@ -675,10 +654,7 @@ fn docker_jobs_run_in_ephemeral_containers_with_gpu_device_requests() {
         "name: no-image\nimage: not-here:1\ncommand: true\n",
     )
     .unwrap();
-    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&grad, &grad.admin_token, dir.path());
     let (code, done) = wait(&grad, &grad.admin_token, &id);
     assert_eq!(code, 9);
     assert!(
@@ -696,10 +672,7 @@ fn docker_jobs_run_in_ephemeral_containers_with_gpu_device_requests() {
         ),
     )
     .unwrap();
-    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&grad, &grad.admin_token, dir.path());
     wait_for_state(&grad, &grad.admin_token, &id, "running");
     wait_until("the container to run", Duration::from_secs(20), || {
         !engine.docker(&["ps", "-q"]).stdout_str().trim().is_empty()
@@ -762,10 +735,7 @@ fn a_jobs_outputs_are_collected_when_it_ends_and_pulled() {
          outputs: results/\n",
         &[],
     );
-    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&grad, &grad.admin_token, dir.path());
     let (code, done) = wait(&grad, &grad.admin_token, &id);
     assert_eq!(code, 0, "{done}");
     let tmp = tempfile::tempdir().unwrap();
@@ -812,10 +782,7 @@ fn a_jobs_outputs_are_collected_when_it_ends_and_pulled() {
         "name: links-out\ncommand: ln -s /etc results\noutputs: results/\n",
     )
     .unwrap();
-    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&grad, &grad.admin_token, dir.path());
     let (code, done) = wait(&grad, &grad.admin_token, &id);
     assert_eq!(code, 9, "{done}");
     assert!(
@@ -845,10 +812,7 @@ async fn runners_run_their_owners_jobs_and_the_jobs_that_name_them() {
     let grad = Grad::with_runners(&["r1"]).await;
     let dir = project("name: anywhere\ncommand: echo \"on $GRAD_JOB_ID\"\n", &[]);
     // No standing worker: the owner's runner takes it.
-    let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&grad, &grad.admin_token, dir.path());
     let (code, done) = wait(&grad, &grad.admin_token, &id);
     assert_eq!(
         (code, done["worker"].as_str()),
@@ -865,10 +829,7 @@ async fn runners_run_their_owners_jobs_and_the_jobs_that_name_them() {
     )
     .unwrap();
     for _ in 0..3 {
-        let id = submit(&grad, &grad.admin_token, dir.path())["job"]["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let id = submit_id(&grad, &grad.admin_token, dir.path());
         let (code, done) = wait(&grad, &grad.admin_token, &id);
         assert_eq!(
             (code, done["worker"].as_str()),

@@ -63,24 +63,9 @@ fn is_label_part(text: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
 }
 
-/// A DNS label, like runner names: 1-63 of a-z, 0-9 and '-'.
+/// A DNS label, like runner names, up to 63 characters.
 pub fn validate_name(what: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && !name.ends_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "invalid {what} '{}': use 1-63 lowercase letters, digits and '-', starting with a \
-             letter and not ending with '-'",
-            name.escape_debug()
-        )))
-    }
+    crate::names::dns_label(what, name, 63)
 }
 
 /// Labels as workers and jobs carry them.

@@ -53,22 +53,15 @@ fn quoted(value: &str) -> String {
 impl Docker {
     /// The engine at DOCKER_HOST (or the default socket), if it answers.
     pub async fn connect() -> Option<Docker> {
-        let client = match bollard::Docker::connect_with_defaults() {
-            Ok(client) => client,
-            Err(e) => {
-                tracing::info!(error = %e, "no Docker engine: jobs with an image will not come here");
-                return None;
-            }
+        let answered = async {
+            let client = bollard::Docker::connect_with_defaults()?
+                .negotiate_version()
+                .await?;
+            client.ping().await?;
+            Ok::<_, bollard::errors::Error>(client)
         };
-        let client = match client.negotiate_version().await {
-            Ok(client) => client,
-            Err(e) => {
-                tracing::info!(error = %e, "no Docker engine: jobs with an image will not come here");
-                return None;
-            }
-        };
-        match client.ping().await {
-            Ok(_) => {
+        match answered.await {
+            Ok(client) => {
                 tracing::info!("Docker engine found: jobs with an image run in containers");
                 Some(Docker { client })
             }

@@ -310,7 +310,18 @@ fn a_grad_restart_in_the_middle_of_a_job_loses_nothing() {
     );
     let id = submit_id(&grad, &grad.admin_token, dir.path());
     wait_for_state(&grad, &grad.admin_token, &id, "running");
+    // A `job wait` that started before the restart sees the job through.
+    let waiting = grad
+        .gractl(&grad.admin_token)
+        .args(["job", "wait", &id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     grad.restart_status();
+    let waited = waiting.wait_with_output().unwrap();
+    assert!(waited.status.success(), "{}", waited.stderr_str());
     let (code, done) = wait(&grad, &grad.admin_token, &id);
     assert_eq!(code, 0, "{done}");
     let expected: String = (1..=40).map(|i| format!("line {i}\n")).collect();
@@ -849,5 +860,34 @@ async fn runners_run_their_owners_jobs_and_the_jobs_that_name_them() {
         out.stderr_str().contains("you have no runner 'nope'"),
         "{}",
         out.stderr_str()
+    );
+}
+
+#[test]
+fn a_follower_resumes_after_grad_restarts_and_misses_nothing() {
+    let mut grad = Grad::start();
+    let _worker = grad.start_agent(&grad.admin_token, "w1", &[], &[]);
+    let dir = project(
+        "name: chatty\ncommand: for i in $(seq 1 60); do echo line $i; sleep 0.05; done\n",
+        &[],
+    );
+    let id = submit_id(&grad, &grad.admin_token, dir.path());
+    let follow = grad
+        .gractl(&grad.admin_token)
+        .args(["job", "logs", "-f", &id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_state(&grad, &grad.admin_token, &id, "running");
+    std::thread::sleep(Duration::from_millis(800));
+    grad.restart_status();
+    let out = follow.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", out.stderr_str());
+    let expected: String = (1..=60).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(
+        out.stdout_str(),
+        expected,
+        "lines lost or repeated across the restart"
     );
 }

@@ -136,9 +136,8 @@ pub(super) async fn run(context: &Context, command: JobCommand) -> anyhow::Resul
                 follow_logs(context, &client, &job.id).await?;
             }
             if args.wait || args.follow {
-                let job = client
-                    .wait_job(&job.id, Duration::from_secs(365 * 24 * 3600))
-                    .await?;
+                let forever = Duration::from_secs(365 * 24 * 3600);
+                let job = wait_for_end(&client, &job.id, forever).await?;
                 return ended(context, &job, args.follow);
             }
         }
@@ -181,7 +180,7 @@ pub(super) async fn run(context: &Context, command: JobCommand) -> anyhow::Resul
         JobCommand::Wait { id, timeout } => {
             drop(out);
             context.progress(&format!("waiting for job {id}..."));
-            let job = client.wait_job(&id, timeout).await?;
+            let job = wait_for_end(&client, &id, timeout).await?;
             return ended(context, &job, false);
         }
         JobCommand::Outputs { id, dir } => {
@@ -302,6 +301,29 @@ async fn follow_logs(context: &Context, client: &Client, id: &str) -> anyhow::Re
     print_logs(context, client, id, true).await
 }
 
+/// Waits for the job to end, across a grad restart (or a dropped
+/// connection) within `timeout`.
+async fn wait_for_end(client: &Client, id: &str, timeout: Duration) -> anyhow::Result<Job> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match client.wait_job(id, left).await {
+            Ok(job) => return Ok(job),
+            Err(error) if transient(&error) && !left.is_zero() => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+fn is_terminal(state: JobState) -> bool {
+    matches!(
+        state,
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled
+    )
+}
+
 /// Whether a broken stream is worth opening again (grad restarting, a
 /// dropped connection), rather than an answer.
 fn transient(error: &ClientError) -> bool {
@@ -416,6 +438,19 @@ async fn print_logs(
                         if let Some(archive) = &chunk.archive {
                             printer.archive(&http, archive).await?;
                         }
+                    }
+                    // A follower stops when the job has ended; a stream
+                    // that ends before that is a connection that broke.
+                    Ok(None)
+                        if follow
+                            && client
+                                .get_job(id)
+                                .await
+                                .is_ok_and(|job| !is_terminal(job.state())) =>
+                    {
+                        break ClientError::Status(tonic::Status::unavailable(
+                            "the log stream ended before the job did",
+                        ));
                     }
                     Ok(None) => {
                         if context.format == Format::Json {

@@ -195,7 +195,12 @@ impl Jobs {
                 _ = changed.changed() => {}
                 _ = tokio::time::sleep(FOLLOW_TICK) => {}
                 _ = out.closed() => return Ok(()),
-                _ = self.shutdown.cancelled() => return Ok(()),
+                // Not the end of the log: the follower must come back.
+                _ = self.shutdown.cancelled() => {
+                    return Err(Error::Unavailable(
+                        "grad is shutting down; follow again from the last line".into(),
+                    ));
+                }
             }
         }
     }

@@ -356,7 +356,13 @@ impl Jobs {
             if job.state.is_terminal() {
                 return Ok(job);
             }
-            let woke = tokio::time::timeout_at(deadline, changed.changed()).await;
+            let woke = tokio::select! {
+                woke = tokio::time::timeout_at(deadline, changed.changed()) => woke,
+                // Waiters come back to the next grad.
+                _ = self.shutdown.cancelled() => {
+                    return Err(Error::Unavailable("grad is shutting down; wait again".into()));
+                }
+            };
             if woke.is_err() {
                 return Err(Error::DeadlineExceeded(format!(
                     "job {} is still {} after {}",

@@ -7,10 +7,12 @@ mod execute;
 mod execution;
 mod job;
 mod login;
+mod mcp;
 mod outputs;
 mod runner;
 mod secret;
 mod ssh;
+mod tools;
 mod worker;
 mod workspace;
 
@@ -108,6 +110,11 @@ pub enum Command {
     /// Register the machines that run your jobs (grad-runner agent)
     #[command(subcommand)]
     Worker(worker::WorkerCommand),
+    /// Serve grad's tools to AI agents over the Model Context Protocol (stdio)
+    Mcp(mcp::McpArgs),
+    /// The same tools as commands: discover their declarations, call one with JSON
+    #[command(subcommand)]
+    Tools(tools::ToolsCommand),
     /// Print a shell completion script
     Completion {
         #[arg(value_enum)]
@@ -193,6 +200,8 @@ pub async fn run(cli: Cli, environment: Environment) -> anyhow::Result<()> {
         Command::Secret(command) => secret::run(&context, command).await,
         Command::Job(command) => job::run(&context, command).await,
         Command::Worker(command) => worker::run(&context, command).await,
+        Command::Mcp(args) => mcp::run(&context, args).await,
+        Command::Tools(command) => tools::run(&context, command).await,
         Command::Completion { shell } => {
             let mut out = io::stdout().lock();
             clap_complete::generate(shell, &mut Cli::command(), "gractl", &mut out);

@@ -288,8 +288,12 @@ pub(super) async fn run(context: &Context, command: DatasetCommand) -> anyhow::R
                 path: path.clone(),
                 source,
             })?;
-            if context.format == Format::Table {
-                writeln!(out, "dataset/{name} removed")?;
+            match context.format {
+                Format::Table => writeln!(out, "dataset/{name} removed")?,
+                Format::Json | Format::Ndjson => output::write_json(
+                    &mut out,
+                    &serde_json::json!({ "name": name, "file": path.display().to_string(), "removed": true }),
+                )?,
             }
         }
     }

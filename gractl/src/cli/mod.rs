@@ -17,7 +17,7 @@ mod worker;
 mod workspace;
 
 use std::{
-    io::{self, IsTerminal},
+    io::{self, IsTerminal, Write},
     path::{Path, PathBuf},
 };
 
@@ -63,6 +63,14 @@ pub struct Cli {
     /// directory with a config.yaml next to a runners/ directory)
     #[arg(long, global = true, env = "GRAD_WORKSPACE", value_name = "DIR", help_heading = GLOBAL)]
     pub workspace: Option<PathBuf>,
+
+    /// Never prompt: fail instead of asking (prompts only ever appear on a terminal)
+    #[arg(long, global = true, env = "GRACTL_NO_INPUT", help_heading = GLOBAL)]
+    pub no_input: bool,
+
+    /// Answer yes to confirmations (deleting a runner or outputs)
+    #[arg(short, long, global = true, help_heading = GLOBAL)]
+    pub yes: bool,
 
     #[command(subcommand)]
     pub command: Command,
@@ -183,6 +191,8 @@ pub async fn run(cli: Cli, environment: Environment) -> anyhow::Result<()> {
         cwd: environment.cwd,
         term: environment.term,
         locale: environment.locale,
+        no_input: cli.no_input,
+        yes: cli.yes,
     };
     match cli.command {
         Command::Login(args) => login::login(&context, args).await,
@@ -226,6 +236,10 @@ struct Context {
     cwd: Option<PathBuf>,
     term: Option<String>,
     locale: Vec<(String, String)>,
+    /// `--no-input`: never prompt.
+    no_input: bool,
+    /// `--yes`: confirmations are answered yes.
+    yes: bool,
 }
 
 impl Context {
@@ -326,6 +340,29 @@ impl Context {
         }
         bar.enable_steady_tick(std::time::Duration::from_millis(200));
         bar
+    }
+
+    /// Whether prompting is allowed: a person at a terminal, without
+    /// `--no-input`.
+    fn may_prompt(&self) -> bool {
+        !self.no_input && io::stdin().is_terminal() && io::stderr().is_terminal()
+    }
+
+    /// Asks `question` before something that cannot be undone. Without a
+    /// terminal (scripts, agents) or with `--yes`, nothing is asked.
+    fn confirm(&self, question: &str) -> anyhow::Result<()> {
+        if self.yes || !self.may_prompt() {
+            return Ok(());
+        }
+        eprint!("{question} [y/N] ");
+        io::stderr().flush()?;
+        let mut answer = String::new();
+        io::stdin().read_line(&mut answer)?;
+        if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+            Ok(())
+        } else {
+            Err(Failure::new(Code::Interrupted, "not confirmed; nothing was done").into())
+        }
     }
 
     /// Progress for people only: shown when stderr is a terminal.

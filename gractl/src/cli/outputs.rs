@@ -133,6 +133,7 @@ pub(super) async fn run(context: &Context, command: OutputsCommand) -> anyhow::R
             download(context, &mut out, &set, &dir, &what, collected_now).await?;
         }
         OutputsCommand::Remove { runner } => {
+            context.confirm(&format!("Remove the outputs of deleted runner {runner}?"))?;
             let set = client.delete_outputs(&runner).await?;
             match context.format {
                 Format::Table => writeln!(

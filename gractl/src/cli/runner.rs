@@ -201,6 +201,7 @@ pub(super) async fn run(context: &Context, command: RunnerCommand) -> anyhow::Re
             skip_outputs,
             wait,
         }) => {
+            context.confirm(&format!("Delete runner {name} and its workspace?"))?;
             let runner = client.delete_runner(&name, skip_outputs).await?;
             if wait.wait {
                 context.progress(&format!("waiting for runner {name} to be deleted..."));

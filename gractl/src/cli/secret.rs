@@ -54,7 +54,11 @@ fn without_newline(mut value: String) -> String {
     value
 }
 
-fn read_value(name: &str, from_file: Option<&PathBuf>) -> anyhow::Result<String> {
+fn read_value(
+    context: &Context,
+    name: &str,
+    from_file: Option<&PathBuf>,
+) -> anyhow::Result<String> {
     if let Some(path) = from_file {
         let text = std::fs::read_to_string(path).map_err(|e| {
             Failure::new(Code::Usage, format!("--from-file {}: {e}", path.display()))
@@ -63,6 +67,15 @@ fn read_value(name: &str, from_file: Option<&PathBuf>) -> anyhow::Result<String>
     }
     let stdin = io::stdin();
     if stdin.is_terminal() {
+        if !context.may_prompt() {
+            return Err(Failure::new(
+                Code::Usage,
+                format!(
+                    "secret {name}: --no-input: give the value on stdin or with --from-file FILE"
+                ),
+            )
+            .into());
+        }
         eprint!("value for secret {name}: ");
         io::stderr().flush()?;
         let _quiet = NoEcho::enable().context("turning off echo to read the secret")?;
@@ -81,7 +94,7 @@ fn read_value(name: &str, from_file: Option<&PathBuf>) -> anyhow::Result<String>
 pub(super) async fn run(context: &Context, command: SecretCommand) -> anyhow::Result<()> {
     // The value is read before connecting: a prompt should not wait on the network.
     let value = match &command {
-        SecretCommand::Set(args) => Some(read_value(&args.name, args.from_file.as_ref())?),
+        SecretCommand::Set(args) => Some(read_value(context, &args.name, args.from_file.as_ref())?),
         _ => None,
     };
     let workspace = context.workspace()?;

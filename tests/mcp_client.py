@@ -82,6 +82,19 @@ async def scenario(session, which):
         steps.append(await call(session, "delete_runner", {"runner": "analyst"}))
         steps.append(await call(session, "list_runners", {}))
         out["steps"] = steps
+    elif which == "jobs":
+        out["create"] = await call(session, "create_runner", {"name": "jobs1"})
+        out["submit"] = await call(session, "submit_job", {"dir": os.environ["PROJECT_DIR"]})
+        job = out["submit"]["structured"]["id"]
+        for _ in range(300):
+            status = await call(session, "job_status", {"id": job})
+            if status["structured"]["state"] in ("succeeded", "failed", "cancelled"):
+                break
+            await asyncio.sleep(0.1)
+        out["status"] = status
+        out["logs"] = await call(session, "job_logs", {"id": job})
+        out["no_dir"] = await call(session, "submit_job", {"dir": "/no/such/dir"})
+        out["delete"] = await call(session, "delete_runner", {"runner": "jobs1"})
     elif which == "logged_out":
         out["list"] = await call(session, "list_runners", {})
     return out

@@ -200,6 +200,40 @@ fn an_agent_does_a_whole_analysis_in_mcp_calls_only() {
 }
 
 #[test]
+fn jobs_are_submitted_followed_and_read_through_mcp() {
+    if !prerequisites() {
+        return;
+    }
+    let grad = Grad::start();
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("job.yaml"),
+        "name: from-mcp\ncommand: echo computed $((6 * 7))\n",
+    )
+    .unwrap();
+    let out = drive(
+        &grad,
+        "jobs",
+        &[("PROJECT_DIR", project.path().display().to_string())],
+    );
+    assert_eq!(out["submit"]["isError"], false, "{}", out["submit"]);
+    assert_eq!(
+        out["status"]["structured"]["state"], "succeeded",
+        "{}",
+        out["status"]
+    );
+    // The runner the agent created ran it (runners are workers too).
+    assert_eq!(out["status"]["structured"]["worker"], "runner/jobs1");
+    assert_eq!(text(&out["logs"]), "computed 42");
+    assert_eq!(out["logs"]["structured"]["lines"][0]["stream"], "stdout");
+    assert_eq!(
+        out["no_dir"]["protocolError"]["code"], -32602,
+        "{}",
+        out["no_dir"]
+    );
+}
+
+#[test]
 fn not_being_logged_in_is_a_tool_error_that_says_so() {
     if !prerequisites() {
         return;

@@ -249,6 +249,30 @@ pub struct ExecResult {
     pub message: Option<String>,
 }
 
+impl ExecResult {
+    /// Nothing happened yet: the result of an execution of `runner` in
+    /// `session` ("" is "default") that ends `status` unless told otherwise.
+    pub fn empty(runner: String, session: String, status: &str) -> ExecResult {
+        ExecResult {
+            execution_id: String::new(),
+            runner,
+            session: if session.is_empty() {
+                "default".into()
+            } else {
+                session
+            },
+            status: status.into(),
+            execution_count: 0,
+            duration_ms: 0.0,
+            stdout: String::new(),
+            stderr: String::new(),
+            outputs: Vec::new(),
+            error: None,
+            message: None,
+        }
+    }
+}
+
 /// `-o ndjson` for `execute-code`: one line per event, as it arrives.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]

@@ -151,23 +151,7 @@ impl Run {
     fn new(format: Format, runner: String, session: String) -> Run {
         Run {
             format,
-            result: output::ExecResult {
-                execution_id: String::new(),
-                runner,
-                session: if session.is_empty() {
-                    "default".into()
-                } else {
-                    session
-                },
-                status: "cancelled".into(),
-                execution_count: 0,
-                duration_ms: 0.0,
-                stdout: String::new(),
-                stderr: String::new(),
-                outputs: Vec::new(),
-                error: None,
-                message: None,
-            },
+            result: output::ExecResult::empty(runner, session, "cancelled"),
             finished: None,
         }
     }

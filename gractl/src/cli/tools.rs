@@ -529,19 +529,7 @@ async fn execute(client: &Client, a: ExecuteArgs) -> Result<Answer, Refusal> {
             .unwrap_or(0),
     };
     let mut events = client.execute_code(request).await?;
-    let mut result = output::ExecResult {
-        execution_id: String::new(),
-        runner: a.runner,
-        session: String::new(),
-        status: "failed".into(),
-        execution_count: 0,
-        duration_ms: 0.0,
-        stdout: String::new(),
-        stderr: String::new(),
-        outputs: Vec::new(),
-        error: None,
-        message: None,
-    };
+    let mut result = output::ExecResult::empty(a.runner, String::new(), "failed");
     let mut status = ExecStatus::Unspecified;
     while let Some(event) = events.message().await.map_err(ClientError::from)? {
         match event.event {

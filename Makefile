@@ -7,9 +7,11 @@ CARGO ?= cargo
 build:
 	$(CARGO) build --workspace --bins
 
-# The end-to-end tests start the real binaries, so build them first.
+# The end-to-end tests start the real binaries, so build them first; then
+# they run again with grad on PostgreSQL (a throwaway server).
 test: build
 	$(CARGO) test --workspace
+	bash scripts/with_postgres.sh $(CARGO) test -p grad-tests
 
 demo: build
 	bash scripts/demo.sh

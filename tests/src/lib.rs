@@ -36,6 +36,45 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A fresh database on the PostgreSQL server of `GRAD_TEST_POSTGRES_URL`
+/// (`scripts/with_postgres.sh` sets it), or None to use grad's SQLite.
+fn postgres_database() -> Option<String> {
+    let base = std::env::var("GRAD_TEST_POSTGRES_URL").ok()?;
+    let name = format!("grad_{}", uuid_like());
+    let out = Command::new("psql")
+        .arg(format!("{base}/postgres"))
+        .args([
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            &format!("CREATE DATABASE {name}"),
+        ])
+        .output()
+        .expect("run psql (apt-get install postgresql-client)");
+    assert!(
+        out.status.success(),
+        "creating database {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(format!("{base}/{name}"))
+}
+
+/// 16 random hex digits (from the clock and the process: unique enough for
+/// test database names).
+fn uuid_like() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    hasher.write_u32(std::process::id());
+    format!("{:016x}", hasher.finish())
+}
+
 /// Whether a prerequisite is present. Outside CI a missing one skips the test
 /// with a message; under CI=true it fails the run.
 pub fn require(what: &str, present: bool) -> bool {
@@ -77,6 +116,9 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 
 pub struct Grad {
     pub data_dir: PathBuf,
+    /// Set when the suite runs on PostgreSQL (`GRAD_TEST_POSTGRES_URL`):
+    /// this grad's own database there.
+    pub database_url: Option<String>,
     pub url: String,
     pub admin_token: String,
     child: Option<Child>,
@@ -102,6 +144,7 @@ impl Grad {
         let data_dir = tmp.path().join("grad");
         let mut grad = Grad {
             data_dir,
+            database_url: postgres_database(),
             url: String::new(),
             admin_token: String::new(),
             child: None,
@@ -127,6 +170,7 @@ impl Grad {
             .arg(listen)
             .arg("--data-dir")
             .arg(&self.data_dir)
+            .args(self.database_args())
             .args(&self.extra_args);
         if !self.extra_args.iter().any(|a| a == "--python") {
             cmd.arg("--python").arg(python());
@@ -221,11 +265,54 @@ impl Grad {
         self.client(&self.admin_token).await
     }
 
+    /// `--database-url URL` when this grad is on PostgreSQL.
+    pub fn database_args(&self) -> Vec<String> {
+        match &self.database_url {
+            Some(url) => vec!["--database-url".into(), url.clone()],
+            None => Vec::new(),
+        }
+    }
+
+    /// Runs one SQL statement on this grad's database behind its back (to
+    /// plant a state no API would make): sqlite3 or psql, whichever it uses.
+    pub fn execute_sql(&self, sql: &str) {
+        let out = match &self.database_url {
+            Some(url) => Command::new("psql")
+                .arg(url)
+                .args(["-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+                .output()
+                .expect("run psql"),
+            None => Command::new(python())
+                .args([
+                    "-c",
+                    "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute(sys.argv[2]); c.commit()",
+                ])
+                .arg(self.data_dir.join("grad.db"))
+                .arg(sql)
+                .output()
+                .expect("run python's sqlite3"),
+        };
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `grad ARGS` on this grad's data dir and database (`grad user ...`).
+    pub fn admin_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("grad"));
+        cmd.args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(self.database_args());
+        cmd
+    }
+
     /// Adds a user through `grad user add` and returns their token.
     pub fn add_user(&self, name: &str, extra: &[&str]) -> String {
-        let out = Command::new(bin("grad"))
-            .args(["user", "add", name, "--data-dir"])
-            .arg(&self.data_dir)
+        let out = self
+            .admin_command(&["user", "add", name])
             .args(extra)
             .output()
             .expect("run grad user add");

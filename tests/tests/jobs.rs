@@ -471,9 +471,8 @@ fn gpu_jobs_need_the_pro_plan() {
         out.stderr_str()
     );
     // An admin moves carol to pro: her token, unchanged, may now ask for GPUs.
-    let moved = std::process::Command::new(grad_tests::bin("grad"))
-        .args(["user", "plan", "carol", "pro", "--data-dir"])
-        .arg(&grad.data_dir)
+    let moved = grad
+        .admin_command(&["user", "plan", "carol", "pro"])
         .output()
         .unwrap();
     assert!(moved.status.success(), "{}", moved.stderr_str());

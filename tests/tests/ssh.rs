@@ -228,18 +228,10 @@ async fn a_host_key_other_than_the_one_grad_recorded_is_refused() {
     assert!(r2_key.starts_with("ssh-ed25519 "), "{r2_key}");
     assert_ne!(admin.get_runner("r1").await.unwrap().host_key, r2_key);
     // Make grad's record of r1 claim r2's key: r1's real key no longer matches.
-    let db = grad.data_dir.join("grad.db");
-    let status = Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); \
-             c.execute(\"UPDATE runners SET host_key = ? WHERE name = 'r1'\", (sys.argv[2],)); c.commit()",
-        ])
-        .arg(&db)
-        .arg(&r2_key)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    grad.execute_sql(&format!(
+        "UPDATE runners SET host_key = '{}' WHERE name = 'r1'",
+        r2_key.replace('\'', "''")
+    ));
     let out = grad.run(&["ssh", "r1", "--", "true"]);
     assert_ne!(out.code(), 0);
     assert!(

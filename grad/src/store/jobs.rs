@@ -1,6 +1,8 @@
 //! Jobs, their attempts and live log lines, and workers. Every state change
 //! of a job is one conditional UPDATE (`WHERE state = … AND attempt = …`),
-//! so two workers can never both claim, renew or finish the same attempt.
+//! so two workers can never both claim, renew or finish the same attempt;
+//! on PostgreSQL a claim first takes the row with `FOR UPDATE SKIP LOCKED`,
+//! so concurrent claimers pass each other instead of waiting.
 
 use std::collections::BTreeMap;
 
@@ -293,6 +295,21 @@ impl Store {
     ) -> Result<bool> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        if self.postgres {
+            // A row another claimer is taking is skipped, not waited for:
+            // many workers claiming at once do not queue behind each other.
+            let free = sqlx::query(
+                "SELECT id FROM jobs WHERE id = $1 AND state = 'queued' AND attempt = $2 \
+                 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(id)
+            .bind(i64::from(attempt))
+            .fetch_optional(&mut *tx)
+            .await?;
+            if free.is_none() {
+                return Ok(false);
+            }
+        }
         let done = sqlx::query(
             "UPDATE jobs SET state = 'running', attempt = attempt + 1, worker_id = $1, \
              worker_name = $2, lease_expires_at = $3, exit_code = NULL, \

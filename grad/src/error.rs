@@ -36,6 +36,9 @@ pub enum Error {
     Token(#[from] jsonwebtoken::errors::Error),
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The answer of the replica a call was forwarded to, passed on as it is.
+    #[error("{}", .0.message())]
+    Forwarded(Status),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -67,6 +70,7 @@ impl Error {
 /// are logged here and hidden from the client.
 pub fn to_status(err: Error) -> Status {
     let code = match &err {
+        Error::Forwarded(status) => return status.clone(),
         Error::InvalidArgument(_) => Code::InvalidArgument,
         Error::NotFound(_) => Code::NotFound,
         Error::AlreadyExists(_) => Code::AlreadyExists,

@@ -2,19 +2,22 @@
 //! agent, relay the agent's events back to the caller, record the execution.
 //! A caller that goes away (Ctrl-C) cancels the code on the runner.
 
-use std::sync::Arc;
+use std::{pin::Pin, sync::Arc};
 
 use grad_proto::{
-    AgentCommand, CancelCode, ExecEvent, ExecFinished, ExecStarted, ExecStatus, RunCode,
-    agent_command::Command, exec_event::Event,
+    AgentCommand, CancelCode, ExecEvent, ExecFinished, ExecStarted, ExecStatus,
+    ExecuteCodeRequest, RunCode, agent_command::Command, exec_client::ExecClient,
+    exec_event::Event,
 };
 use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::Status;
 
 use crate::{
     auth::UserCaller,
     error::{Error, Result},
-    runners::Runners,
+    replicas::Origin,
+    runners::{Reach, Runners},
     store::{self, now_ms},
 };
 
@@ -26,7 +29,9 @@ pub struct Request {
     pub timeout_ms: u32,
 }
 
-pub type Events = mpsc::Receiver<Result<ExecEvent, Status>>;
+/// The execution's events, from this replica's agent or the replica
+/// holding it.
+pub type Events = Pin<Box<dyn Stream<Item = Result<ExecEvent, Status>> + Send>>;
 
 fn validate(req: &mut Request) -> Result<()> {
     if req.session.is_empty() {
@@ -61,9 +66,13 @@ pub async fn execute(
     runners: &Arc<Runners>,
     caller: &UserCaller,
     mut req: Request,
+    origin: &Origin,
 ) -> Result<Events> {
     validate(&mut req)?;
-    let (runner, agent) = runners.usable(caller, &req.runner).await?;
+    let (runner, agent) = match runners.usable(caller, &req.runner, origin).await? {
+        Reach::Here(runner, agent) => (runner, agent),
+        Reach::Replica(url) => return forward(runners, origin, &url, req).await,
+    };
 
     let execution_id = uuid::Uuid::new_v4().to_string();
     let mut from_runner = agent.expect(&execution_id);
@@ -154,7 +163,32 @@ pub async fn execute(
             .await;
         agent.forget(&record.id);
     });
-    Ok(events)
+    Ok(Box::pin(ReceiverStream::new(events)))
+}
+
+/// Runs the code through the replica its runner's agent is connected to.
+/// The caller going away drops the forwarded call, which cancels the code
+/// there.
+async fn forward(
+    runners: &Runners,
+    origin: &Origin,
+    url: &str,
+    req: Request,
+) -> Result<Events> {
+    let replicas = runners.replicas();
+    let message = ExecuteCodeRequest {
+        runner: req.runner,
+        code: req.code,
+        session: req.session,
+        params_json: req.params_json,
+        timeout_ms: req.timeout_ms,
+    };
+    let events = ExecClient::new(replicas.channel(url)?)
+        .max_decoding_message_size(crate::server::MAX_MESSAGE_BYTES)
+        .execute_code(replicas.forward(origin, message))
+        .await
+        .map_err(Error::Forwarded)?;
+    Ok(Box::pin(events.into_inner()))
 }
 
 pub fn status_name(status: i32) -> &'static str {

@@ -17,6 +17,7 @@ pub mod exec;
 pub mod jobs;
 pub mod names;
 pub mod outputs;
+pub mod replicas;
 pub mod runners;
 pub mod sealed;
 pub mod secrets;

@@ -24,7 +24,8 @@ use crate::{
     auth::UserCaller,
     blobs::{BlobStore, Key, MIN_PART, Multipart, Presigned, Sha256},
     error::{Error, Result},
-    runners::Runners,
+    replicas::Origin,
+    runners::{Reach, Runners},
     store::{self, OutputFile, OutputSet, Source, Store, now_ms},
 };
 
@@ -225,8 +226,17 @@ impl Outputs {
         &self,
         caller: &UserCaller,
         name: &str,
+        origin: &Origin,
     ) -> Result<(Found, pb::OutputsCollected)> {
-        let (runner, agent) = self.runners.usable(caller, name).await?;
+        let (runner, agent) = match self.runners.usable(caller, name, origin).await? {
+            Reach::Here(runner, agent) => (runner, agent),
+            // It connected to another replica after the caller checked.
+            Reach::Replica(_) => {
+                return Err(Error::Unavailable(format!(
+                    "runner {name} just moved to another grad replica; try again"
+                )));
+            }
+        };
         let report = self.runners.collect_outputs(&runner, &agent).await?;
         let found = self.of_runner(&runner).await?;
         Ok((found, report))

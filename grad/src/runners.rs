@@ -10,7 +10,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, mpsc, watch};
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use grad_proto::{AgentCommand, AuthorizedKeys, CollectOutputs, OutputsCollected, agent_command};
@@ -22,6 +22,7 @@ use crate::{
     datasets,
     error::{Error, Result},
     lock,
+    replicas::{Origin, Replicas, Topic},
     sealed::Sealer,
     secrets::Secrets,
     store::{self, Plan, Resources, State, Store, now_ms},
@@ -62,6 +63,14 @@ const WAIT_FOR_READY: Duration = Duration::from_secs(30);
 /// How long grad waits for a runner to upload its outputs.
 const COLLECT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
+/// Where a usable runner's agent is.
+pub enum Reach {
+    /// Connected to this replica.
+    Here(store::Runner, Arc<Agent>),
+    /// Connected to the replica at this URL: forward the call there.
+    Replica(String),
+}
+
 /// The outcome of waiting for a runner.
 pub enum Waited {
     Runner(Box<store::Runner>),
@@ -76,7 +85,7 @@ pub struct Runners {
     secrets: Secrets,
     agents: Arc<Agents>,
     timing: Timing,
-    changed: watch::Sender<u64>,
+    replicas: Arc<Replicas>,
     locks: std::sync::Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -144,6 +153,7 @@ impl Runners {
         agents: Arc<Agents>,
         sealer: Sealer,
         timing: Timing,
+        replicas: Arc<Replicas>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<Runners> {
@@ -155,7 +165,7 @@ impl Runners {
             sealer,
             agents,
             timing,
-            changed: watch::channel(0).0,
+            replicas,
             locks: std::sync::Mutex::new(HashMap::new()),
             tracker,
             shutdown,
@@ -180,13 +190,95 @@ impl Runners {
         self.shutdown.clone()
     }
 
-    /// The caller's runner, ready, with its connected agent: what execute-code
-    /// and tunnels need. Waits for a runner that is still starting.
-    pub async fn usable(
+    pub fn replicas(&self) -> &Arc<Replicas> {
+        &self.replicas
+    }
+
+    /// Registers a runner's new agent connection here, and tells the other
+    /// replicas where it is.
+    pub async fn connect_agent(
+        &self,
+        runner_id: &str,
+        commands: mpsc::Sender<AgentCommand>,
+    ) -> Result<Arc<Agent>> {
+        let agent = self.agents.attach(runner_id, commands);
+        if let Err(e) = self
+            .store
+            .set_agent_route(runner_id, self.replicas.id(), agent.conn)
+            .await
+        {
+            self.agents.detach(runner_id, agent.conn);
+            return Err(e);
+        }
+        self.bump();
+        Ok(agent)
+    }
+
+    /// An agent connection ended.
+    pub async fn disconnect_agent(&self, runner_id: &str, conn: u64) {
+        self.agents.detach(runner_id, conn);
+        if let Err(e) = self
+            .store
+            .detach_agent_route(runner_id, self.replicas.id(), conn)
+            .await
+        {
+            tracing::warn!(%runner_id, error = %e, "recording an agent's disconnection");
+        }
+        self.bump();
+    }
+
+    /// Closes the runner's agent connection, here or on no replica: it was
+    /// stopped on purpose.
+    async fn close_agent(&self, runner_id: &str) -> Result<()> {
+        self.agents.close(runner_id);
+        self.store.delete_agent_route(runner_id).await
+    }
+
+    /// Which of `ids`' agents are connected, to this replica or a live one.
+    pub async fn connected(&self, ids: &[&str]) -> Result<Vec<bool>> {
+        let elsewhere: std::collections::HashSet<String> = match ids
+            .iter()
+            .all(|id| self.agents.is_connected(id))
+        {
+            true => Default::default(),
+            false => self
+                .store
+                .agent_routes()
+                .await?
+                .into_iter()
+                .filter(|route| self.replicas.elsewhere(route).is_some())
+                .map(|route| route.runner_id)
+                .collect(),
+        };
+        Ok(ids
+            .iter()
+            .map(|id| self.agents.is_connected(id) || elsewhere.contains(*id))
+            .collect())
+    }
+
+    /// The URL of the replica to forward a call about runner `name` to: the
+    /// one its agent is connected to, when that is another replica and the
+    /// call was not forwarded already.
+    pub async fn held_elsewhere(
         &self,
         caller: &UserCaller,
         name: &str,
-    ) -> Result<(store::Runner, Arc<Agent>)> {
+        origin: &Origin,
+    ) -> Result<Option<String>> {
+        if origin.forwarded {
+            return Ok(None);
+        }
+        let runner = self.resolve(caller, name).await?;
+        if self.agents.is_connected(&runner.id) {
+            return Ok(None);
+        }
+        self.replicas.holder(&runner.id).await
+    }
+
+    /// The caller's runner, ready, and where its agent is connected: what
+    /// execute-code and tunnels need. Waits for a runner that is still
+    /// starting.
+    pub async fn usable(&self, caller: &UserCaller, name: &str, origin: &Origin) -> Result<Reach> {
         let mut runner = self.resolve(caller, name).await?;
         if matches!(
             runner.state,
@@ -227,16 +319,56 @@ impl Runners {
                 )));
             }
         }
-        let agent = self.agents.get(&runner.id).ok_or_else(|| {
-            Error::Unavailable(format!(
-                "runner {name} is not connected to grad right now; retry in a few seconds"
-            ))
-        })?;
-        Ok((runner, agent))
+        if let Some(agent) = self.agents.get(&runner.id) {
+            return Ok(Reach::Here(runner, agent));
+        }
+        if !origin.forwarded
+            && let Some(url) = self.replicas.holder(&runner.id).await?
+        {
+            return Ok(Reach::Replica(url));
+        }
+        Err(Error::Unavailable(format!(
+            "runner {name} is not connected to grad right now; retry in a few seconds"
+        )))
     }
 
-    /// Sends the owner's current SSH keys to each of their connected runners.
+    /// Sends the owner's current SSH keys to each of their connected
+    /// runners, here and on the other replicas.
     pub async fn push_authorized_keys(&self, owner_id: &str) -> Result<()> {
+        self.replicas.bus().keys_changed(owner_id);
+        self.push_keys_here(owner_id).await
+    }
+
+    /// Pushes the SSH keys that changed on other replicas to the runners
+    /// connected here, until shutdown.
+    pub async fn run_key_pushes(self: Arc<Self>) {
+        let mut changes = self.replicas.bus().key_changes();
+        loop {
+            let owner_id = tokio::select! {
+                changed = changes.recv() => changed,
+                _ = self.shutdown.cancelled() => return,
+            };
+            match owner_id {
+                Ok(owner_id) => {
+                    if let Err(e) = self.push_keys_here(&owner_id).await {
+                        tracing::warn!(error = %e, "pushing SSH keys changed elsewhere");
+                    }
+                }
+                // Too many changes at once: push everyone's.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let runners = self.store.list_runners(None).await.unwrap_or_default();
+                    let owners: std::collections::BTreeSet<_> =
+                        runners.into_iter().map(|r| r.owner_id).collect();
+                    for owner_id in owners {
+                        let _ = self.push_keys_here(&owner_id).await;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    async fn push_keys_here(&self, owner_id: &str) -> Result<()> {
         let keys = self.authorized_keys(owner_id).await?;
         for runner in self.store.list_runners(Some(owner_id)).await? {
             if let Some(agent) = self.agents.get(&runner.id) {
@@ -293,7 +425,7 @@ impl Runners {
     }
 
     fn bump(&self) {
-        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        self.replicas.bus().bump(Topic::Runners);
     }
 
     async fn lock_runner(&self, id: &str) -> OwnedMutexGuard<()> {
@@ -525,37 +657,52 @@ impl Runners {
         work: F,
     ) -> Result<store::Runner>
     where
-        D: FnOnce(&store::Runner) -> Result<Option<State>>,
+        D: Fn(&store::Runner) -> Result<Option<State>>,
         F: FnOnce(Arc<Runners>, String) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<()>> + Send + 'static,
     {
         let found = self.resolve(caller, name).await?;
         let guard = self.lock_runner(&found.id).await;
-        let mut runner = self
-            .store
-            .runner_by_id(&found.id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("runner '{name}' not found")))?;
-        let Some(next) = decide(&runner)? else {
-            return Ok(runner);
+        let mut collected = false;
+        // The lock is this replica's; another replica may move the runner
+        // meanwhile: the state is recorded only if it is still the one
+        // decided from, else decided again from the new one.
+        let runner = loop {
+            let mut runner = self
+                .store
+                .runner_by_id(&found.id)
+                .await?
+                .ok_or_else(|| not_found(name))?;
+            let Some(next) = decide(&runner)? else {
+                return Ok(runner);
+            };
+            if let Some(verb) = collect
+                && !collected
+                && runner.state == State::Ready
+                && let Some(agent) = self.agents.get(&runner.id)
+            {
+                self.collect_outputs(&runner, &agent).await.map_err(|e| {
+                    e.explained(&format!(
+                        "; the runner was left as it was: try again, or \
+                         `gractl runner {verb} {name} --skip-outputs` to {verb} it without collecting"
+                    ))
+                })?;
+                collected = true;
+            }
+            if runner.state == next {
+                break runner;
+            }
+            if self
+                .store
+                .set_runner_state_from(&runner.id, runner.state, next)
+                .await?
+            {
+                runner.state = next;
+                runner.reason.clear();
+                self.bump();
+                break runner;
+            }
         };
-        if let Some(verb) = collect
-            && runner.state == State::Ready
-            && let Some(agent) = self.agents.get(&runner.id)
-        {
-            self.collect_outputs(&runner, &agent).await.map_err(|e| {
-                e.explained(&format!(
-                    "; the runner was left as it was: try again, or \
-                     `gractl runner {verb} {name} --skip-outputs` to {verb} it without collecting"
-                ))
-            })?;
-        }
-        if runner.state != next {
-            self.store.set_runner_state(&runner.id, next, "").await?;
-            runner.state = next;
-            runner.reason.clear();
-            self.bump();
-        }
         self.spawn_with(guard, runner.id.clone(), work);
         Ok(runner)
     }
@@ -581,7 +728,7 @@ impl Runners {
         want_deleted: bool,
         timeout: Duration,
     ) -> Result<Waited> {
-        let mut changed = self.changed.subscribe();
+        let mut changed = self.replicas.bus().subscribe(Topic::Runners);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             changed.mark_unchanged();
@@ -651,6 +798,7 @@ impl Runners {
         let spec = backend::Spec {
             token: self.keys.issue_runner(id, &token_id)?,
             runner: runner.clone(),
+            servers: self.replicas.servers().await,
         };
         match self.backend.start(&spec).await {
             Ok(pid) => {
@@ -676,7 +824,7 @@ impl Runners {
         let Some(runner) = self.store.runner_by_id(id).await? else {
             return Ok(());
         };
-        self.agents.close(id);
+        self.close_agent(id).await?;
         self.backend.stop(&runner).await?;
         self.store.set_runner_pid(id, None).await?;
         self.store.set_runner_state(id, State::Paused, "").await?;
@@ -711,7 +859,7 @@ impl Runners {
             return Ok(());
         }
         tracing::warn!(runner = %runner.name, %reason, "runner failed");
-        self.agents.close(id);
+        self.close_agent(id).await?;
         self.store
             .set_runner_state(id, State::Failed, &reason)
             .await?;
@@ -769,11 +917,6 @@ impl Runners {
         }
     }
 
-    /// Tells waiters that something changed (an agent attached or detached).
-    pub fn notify(&self) {
-        self.bump();
-    }
-
     /// Handles what the backend noticed on its own (a process exiting).
     pub async fn run_backend_events(self: Arc<Self>, mut events: mpsc::Receiver<backend::Event>) {
         loop {
@@ -828,6 +971,13 @@ impl Runners {
         let now = now_ms();
         let heartbeat_ms = self.timing.heartbeat_timeout.as_millis() as i64;
         let start_ms = self.timing.start_timeout.as_millis() as i64;
+        let routes: HashMap<String, store::AgentRoute> = self
+            .store
+            .agent_routes()
+            .await?
+            .into_iter()
+            .map(|r| (r.runner_id.clone(), r))
+            .collect();
         for runner in self.store.list_runners(None).await? {
             let reason = match runner.state {
                 State::Ready => match self.agents.get(&runner.id) {
@@ -840,16 +990,28 @@ impl Runners {
                         Some("runner process is gone".to_string())
                     }
                     None => {
-                        let since = self
-                            .agents
-                            .disconnected_at(&runner.id)
-                            .unwrap_or(self.started_at)
-                            .max(runner.updated_at);
-                        (now - since > heartbeat_ms).then(|| {
-                            format!(
-                                "runner agent disconnected and did not come back within {}",
-                                humantime::format_duration(self.timing.heartbeat_timeout)
-                            )
+                        // Since when the runner has had no agent anywhere:
+                        // the replica that holds it watches its heartbeats.
+                        let since = match routes.get(&runner.id) {
+                            Some(route) if self.replicas.elsewhere(route).is_some() => None,
+                            Some(route) => Some(match route.detached_at {
+                                Some(at) => at,
+                                // Its replica died with the connection up.
+                                None => route.replica_heartbeat_at.max(route.attached_at),
+                            }),
+                            None => Some(
+                                self.agents
+                                    .disconnected_at(&runner.id)
+                                    .unwrap_or(self.started_at),
+                            ),
+                        };
+                        since.map(|s| s.max(runner.updated_at)).and_then(|since| {
+                            (now - since > heartbeat_ms).then(|| {
+                                format!(
+                                    "runner agent disconnected and did not come back within {}",
+                                    humantime::format_duration(self.timing.heartbeat_timeout)
+                                )
+                            })
                         })
                     }
                 },

@@ -31,6 +31,7 @@ use crate::{
     error::{Error, Result},
     jobs::{Jobs, Workers},
     outputs::Outputs,
+    replicas::Replicas,
     runners::{Runners, Timing},
     sealed::Sealer,
     store::{Plan, Role, Store},
@@ -40,7 +41,7 @@ use crate::{
 /// Admin tokens written at first start are valid this long.
 pub const ADMIN_TOKEN_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 /// Rich outputs (figures, tables) can exceed tonic's 4 MiB default.
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Opens the data dir: creates it, the database, and the signing key.
@@ -152,6 +153,8 @@ pub async fn serve(
         format!("http://{ip}:{}", addr.port())
     });
 
+    let replicas = Replicas::new(store.clone(), &server_url);
+    replicas.register().await?;
     let (blobs, blob_routes) = open_blobs(&config.blobs, &data_dir, &server_url).await?;
     tracing::info!(store = blobs.kind(), "blob store ready");
 
@@ -164,7 +167,7 @@ pub async fn serve(
                 Some(bin) => absolute(bin)?,
                 None => default_runner_bin(),
             },
-            server_url,
+            server_url: server_url.clone(),
             python,
         },
         events_tx,
@@ -187,9 +190,18 @@ pub async fn serve(
             heartbeat_timeout: config.heartbeat_timeout,
             start_timeout: config.start_timeout,
         },
+        replicas.clone(),
         tracker.clone(),
         shutdown.clone(),
     );
+    tracker.spawn(replicas.clone().run(shutdown.clone()));
+    tracker.spawn(
+        replicas
+            .bus()
+            .clone()
+            .share(store.clone(), shutdown.clone()),
+    );
+    tracker.spawn(runners.clone().run_key_pushes());
     runners.reconcile().await?;
     tracker.spawn(runners.clone().run_backend_events(events_rx));
     tracker.spawn(runners.clone().run_monitor());
@@ -224,6 +236,7 @@ pub async fn serve(
         crate::jobs::Timing {
             lease: config.job_lease,
         },
+        replicas.bus().clone(),
         shutdown.clone(),
     );
     tracker.spawn(jobs.clone().run_monitor());

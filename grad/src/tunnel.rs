@@ -15,9 +15,11 @@ use std::{
 };
 
 use bytes::Bytes;
-use grad_proto::{AgentCommand, OpenTunnel, TunnelFrame, agent_command::Command};
+use grad_proto::{
+    AgentCommand, OpenTunnel, TunnelFrame, agent_command::Command, tunnels_client::TunnelsClient,
+};
 use tokio::sync::oneshot;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Status, Streaming};
 
@@ -25,7 +27,8 @@ use crate::{
     auth::UserCaller,
     error::{Error, Result},
     lock,
-    runners::Runners,
+    replicas::Origin,
+    runners::{Reach, Runners},
 };
 
 /// How long the first frame and the runner's dial-back may take.
@@ -62,12 +65,14 @@ async fn first_frame(stream: &mut Streaming<TunnelFrame>) -> Result<TunnelFrame>
 
 impl Tunnels {
     /// The client's side: checks the caller may reach the runner, asks the
-    /// runner to dial back, and splices the two streams.
+    /// runner to dial back, and splices the two streams. A runner connected
+    /// to another replica is reached through that one.
     pub async fn open(
         self: &Arc<Self>,
         runners: &Arc<Runners>,
         caller: &UserCaller,
         mut client: Streaming<TunnelFrame>,
+        origin: &Origin,
     ) -> Result<Splice> {
         let first = first_frame(&mut client).await?;
         if first.runner.is_empty() {
@@ -75,7 +80,10 @@ impl Tunnels {
                 "runner: the first tunnel frame must name the runner".into(),
             ));
         }
-        let (runner, agent) = runners.usable(caller, &first.runner).await?;
+        let (runner, agent) = match runners.usable(caller, &first.runner, origin).await? {
+            Reach::Here(runner, agent) => (runner, agent),
+            Reach::Replica(url) => return forward(runners, origin, &url, first, client).await,
+        };
         let tunnel_id = uuid::Uuid::new_v4().to_string();
         let (runner_end, dialed) = oneshot::channel();
         let closed = CancellationToken::new();
@@ -146,6 +154,30 @@ impl Tunnels {
     }
 }
 
+/// Opens the tunnel on the replica at `url` and splices the client to it:
+/// frames pass through this replica as they come, with HTTP/2 flow control
+/// on both legs.
+async fn forward(
+    runners: &Runners,
+    origin: &Origin,
+    url: &str,
+    first: TunnelFrame,
+    client: Streaming<TunnelFrame>,
+) -> Result<Splice> {
+    let replicas = runners.replicas();
+    let closed = CancellationToken::new();
+    let shutdown = runners.shutdown_token();
+    let mut to_replica = Splice::new(client, Bytes::new(), &closed, &shutdown);
+    to_replica.first = Some(first);
+    let outbound = to_replica.filter_map(|frame| frame.ok());
+    let from_replica = TunnelsClient::new(replicas.channel(url)?)
+        .open(replicas.forward(origin, outbound))
+        .await
+        .map_err(Error::Forwarded)?
+        .into_inner();
+    Ok(Splice::new(from_replica, Bytes::new(), &closed, &shutdown))
+}
+
 /// A tunnel waiting for its runner; see [`Tunnels::open`].
 struct Waiting<'a> {
     tunnels: &'a Tunnels,
@@ -170,8 +202,9 @@ fn data(bytes: Bytes) -> TunnelFrame {
 /// other direction ends (the two share `closed`) or when grad shuts down;
 /// dropped (its side went away), it ends the other direction too.
 pub struct Splice {
-    /// Data that came with the client's first frame, sent first.
-    first: Option<Bytes>,
+    /// Sent first: data that came with the client's first frame (or, to
+    /// another replica, that whole frame).
+    first: Option<TunnelFrame>,
     from: Streaming<TunnelFrame>,
     closed: CancellationToken,
     on_closed: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -186,7 +219,7 @@ impl Splice {
         shutdown: &CancellationToken,
     ) -> Splice {
         Splice {
-            first: (!first.is_empty()).then_some(first),
+            first: (!first.is_empty()).then(|| data(first)),
             from,
             closed: closed.clone(),
             on_closed: Box::pin(closed.clone().cancelled_owned()),
@@ -206,7 +239,7 @@ impl Stream for Splice {
             return Poll::Ready(None);
         }
         if let Some(first) = this.first.take() {
-            return Poll::Ready(Some(Ok(data(first))));
+            return Poll::Ready(Some(Ok(first)));
         }
         loop {
             match ready!(Pin::new(&mut this.from).poll_next(cx)) {

@@ -25,6 +25,7 @@ use tonic::{
 
 use crate::{
     datasets::Mounts,
+    servers::Servers,
     kernel::{self, Sessions},
     outputs::Collector,
     ssh,
@@ -45,12 +46,8 @@ pub struct Config {
 pub enum Error {
     #[error("grad refused this runner: {0}")]
     Refused(String),
-    #[error("invalid server URL '{url}': {source}")]
-    Url {
-        url: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    #[error("invalid server URL '{url}': {reason}")]
+    Url { url: String, reason: String },
     #[error("the runner token is not valid ASCII")]
     Token,
     #[error("ssh server: {0}")]
@@ -62,7 +59,7 @@ pub enum Error {
 /// What every connection to grad shares.
 struct Runner {
     config: Config,
-    endpoint: Endpoint,
+    servers: Servers,
     auth: MetadataValue<Ascii>,
     sessions: Arc<Sessions>,
     ssh: Arc<ssh::Server>,
@@ -94,19 +91,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         state_dir: config.state_dir.clone(),
         confine: true,
     })?;
-    let endpoint = Endpoint::from_shared(config.server.clone())
-        .map_err(|source| Error::Url {
-            url: config.server.clone(),
-            source,
-        })?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        // Tunnels carry bulk SSH traffic: large HTTP/2 windows.
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(8 << 20)
-        .max_frame_size(256 << 10);
+    let servers = Servers::parse(&config.server, |endpoint| {
+        endpoint
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            // Tunnels carry bulk SSH traffic: large HTTP/2 windows.
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(8 << 20)
+            .max_frame_size(256 << 10)
+    })
+    .map_err(|e| Error::Url {
+        url: e.url,
+        reason: e.reason,
+    })?;
     let auth: MetadataValue<_> = format!("Bearer {}", config.token)
         .parse()
         .map_err(|_| Error::Token)?;
@@ -128,7 +127,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     ));
     let runner = Runner {
         config,
-        endpoint,
+        servers,
         auth,
         sessions,
         ssh,
@@ -189,11 +188,22 @@ fn is_final(status: &Status) -> bool {
 
 impl Runner {
     async fn attach(&self) -> Result<Ended, Status> {
+        // A grad that cannot be reached, or will not take us now, is left
+        // for the next replica in the list (if there are several).
+        let (index, url, endpoint) = self.servers.current();
+        let attached = self.attach_to(url, endpoint).await;
+        if attached.is_err() {
+            self.servers.failed(index);
+        }
+        attached
+    }
+
+    async fn attach_to(&self, url: &str, endpoint: &Endpoint) -> Result<Ended, Status> {
         let (config, sessions, shutdown) = (&self.config, &self.sessions, &self.shutdown);
-        let channel =
-            self.endpoint.connect().await.map_err(|e| {
-                Status::unavailable(format!("connecting to {}: {e}", config.server))
-            })?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("connecting to {url}: {e}")))?;
         let (out, rx) = mpsc::channel::<AgentMessage>(256);
         let register = AgentMessage {
             message: Some(Message::Register(Register {
@@ -225,7 +235,7 @@ impl Runner {
                 ));
             }
         };
-        tracing::info!(runner = %config.name, server = %config.server, "attached to grad");
+        tracing::info!(runner = %config.name, server = %url, "attached to grad");
 
         let mut heartbeat = tokio::time::interval(interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -10,4 +10,5 @@ pub mod datasets;
 pub mod jobs;
 pub mod kernel;
 pub mod outputs;
+pub mod servers;
 pub mod ssh;

@@ -26,6 +26,8 @@ use grad_proto::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
+
+use crate::servers::GradChannel;
 use tonic::{
     Request, Status,
     metadata::{Ascii, MetadataValue},
@@ -330,7 +332,7 @@ pub enum Sink {
         auth: MetadataValue<Ascii>,
     },
     Job {
-        client: WorkerAgentClient<Channel>,
+        client: WorkerAgentClient<GradChannel>,
         auth: MetadataValue<Ascii>,
         id: String,
         attempt: u32,
@@ -344,7 +346,7 @@ impl Sink {
         Sink::Runner { client, auth }
     }
 
-    pub fn job(channel: Channel, auth: MetadataValue<Ascii>, id: &str, attempt: u32) -> Sink {
+    pub fn job(channel: GradChannel, auth: MetadataValue<Ascii>, id: &str, attempt: u32) -> Sink {
         let client = WorkerAgentClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
         Sink::Job {
             client,

@@ -9,9 +9,10 @@ use std::{
 };
 
 use grad_proto::{
-    self as pb, AgentCommand, AgentMessage, ExecEvent, Registered, TunnelFrame,
+    self as pb, AgentCommand, AgentMessage, Registered, TunnelFrame,
     agent_command::Command, agent_message::Message, datasets_server::Datasets as DatasetsRpc,
-    exec_server::Exec, runner_agent_server::RunnerAgent, runners_server::Runners as RunnersRpc,
+    exec_server::Exec, runner_agent_server::RunnerAgent, runners_client::RunnersClient,
+    runners_server::Runners as RunnersRpc,
     secrets_server::Secrets as SecretsRpc, tunnels_server::Tunnels as TunnelsRpc,
     users_server::Users,
 };
@@ -31,6 +32,7 @@ use crate::{
     blobs::BlobStore,
     datasets, exec,
     outputs::Outputs,
+    replicas::Origin,
     runners::{Runners, Waited},
     ssh_keys,
     store::{self, State},
@@ -85,9 +87,49 @@ fn state_from_pb(state: pb::RunnerState) -> Option<State> {
 }
 
 impl Api {
-    fn runner_to_pb(&self, r: store::Runner) -> pb::Runner {
+    async fn runner_to_pb(&self, r: store::Runner) -> Result<pb::Runner, Status> {
+        let mut list = self.runners_to_pb(vec![r]).await?;
+        Ok(list.remove(0))
+    }
+
+    async fn runners_to_pb(&self, runners: Vec<store::Runner>) -> Result<Vec<pb::Runner>, Status> {
+        let ids: Vec<&str> = runners.iter().map(|r| r.id.as_str()).collect();
+        let connected = self.runners.connected(&ids).await?;
+        Ok(runners
+            .into_iter()
+            .zip(connected)
+            .map(|(r, connected)| runner_pb(r, connected))
+            .collect())
+    }
+
+    /// Sends a call about runner `name` to the replica its agent is
+    /// connected to, when that is another one: `Some(answer)`.
+    async fn forward_if_elsewhere<T, R, F, Fut>(
+        &self,
+        req: &Request<T>,
+        name: &str,
+        call: F,
+    ) -> Result<Option<Response<R>>, Status>
+    where
+        T: Clone,
+        F: FnOnce(tonic::transport::Channel, Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        let caller = auth::user(req)?;
+        let origin = Origin::of(req);
+        let Some(url) = self.runners.held_elsewhere(caller, name, &origin).await? else {
+            return Ok(None);
+        };
+        let replicas = self.runners.replicas();
+        let forwarded = replicas.forward(&origin, req.get_ref().clone());
+        call(replicas.channel(&url)?, forwarded).await.map(Some)
+    }
+}
+
+fn runner_pb(r: store::Runner, connected: bool) -> pb::Runner {
+    {
         pb::Runner {
-            connected: self.runners.agents().is_connected(&r.id),
+            connected,
             name: r.name,
             owner: r.owner_name,
             state: state_to_pb(r.state) as i32,
@@ -135,13 +177,13 @@ impl RunnersRpc for Api {
             .runners
             .create(&caller, &msg.name, resources, msg.datasets)
             .await?;
-        Ok(Response::new(self.runner_to_pb(runner)))
+        Ok(Response::new(self.runner_to_pb(runner).await?))
     }
 
     async fn get_runner(&self, req: Request<pb::GetRunnerRequest>) -> RpcResult<pb::Runner> {
         let caller = auth::user(&req)?;
         let runner = self.runners.get(caller, &req.get_ref().name).await?;
-        Ok(Response::new(self.runner_to_pb(runner)))
+        Ok(Response::new(self.runner_to_pb(runner).await?))
     }
 
     async fn list_runners(
@@ -151,34 +193,53 @@ impl RunnersRpc for Api {
         let caller = auth::user(&req)?;
         let runners = self.runners.list(caller, req.get_ref().all_users).await?;
         Ok(Response::new(pb::ListRunnersResponse {
-            runners: runners.into_iter().map(|r| self.runner_to_pb(r)).collect(),
+            runners: self.runners_to_pb(runners).await?,
         }))
     }
 
     async fn pause_runner(&self, req: Request<pb::PauseRunnerRequest>) -> RpcResult<pb::Runner> {
+        // Its outputs are collected through its agent, wherever that is.
+        let name = &req.get_ref().name;
+        if let Some(answer) = self
+            .forward_if_elsewhere(&req, name, |channel, req| async move {
+                RunnersClient::new(channel).pause_runner(req).await
+            })
+            .await?
+        {
+            return Ok(answer);
+        }
         let caller = auth::user(&req)?;
         let msg = req.get_ref();
         let runner = self
             .runners
             .pause(caller, &msg.name, msg.skip_outputs)
             .await?;
-        Ok(Response::new(self.runner_to_pb(runner)))
+        Ok(Response::new(self.runner_to_pb(runner).await?))
     }
 
     async fn resume_runner(&self, req: Request<pb::ResumeRunnerRequest>) -> RpcResult<pb::Runner> {
         let caller = auth::user(&req)?;
         let runner = self.runners.resume(caller, &req.get_ref().name).await?;
-        Ok(Response::new(self.runner_to_pb(runner)))
+        Ok(Response::new(self.runner_to_pb(runner).await?))
     }
 
     async fn delete_runner(&self, req: Request<pb::DeleteRunnerRequest>) -> RpcResult<pb::Runner> {
+        let name = &req.get_ref().name;
+        if let Some(answer) = self
+            .forward_if_elsewhere(&req, name, |channel, req| async move {
+                RunnersClient::new(channel).delete_runner(req).await
+            })
+            .await?
+        {
+            return Ok(answer);
+        }
         let caller = auth::user(&req)?;
         let msg = req.get_ref();
         let runner = self
             .runners
             .delete(caller, &msg.name, msg.skip_outputs)
             .await?;
-        Ok(Response::new(self.runner_to_pb(runner)))
+        Ok(Response::new(self.runner_to_pb(runner).await?))
     }
 
     async fn wait_runner(&self, req: Request<pb::WaitRunnerRequest>) -> RpcResult<pb::Runner> {
@@ -209,7 +270,7 @@ impl RunnersRpc for Api {
             .wait(caller, &msg.name, &states, want_deleted, timeout)
             .await?;
         Ok(Response::new(match waited {
-            Waited::Runner(r) => self.runner_to_pb(*r),
+            Waited::Runner(r) => self.runner_to_pb(*r).await?,
             Waited::Deleted { name, owner } => pb::Runner {
                 name,
                 owner,
@@ -298,13 +359,14 @@ impl SecretsRpc for Api {
 
 #[tonic::async_trait]
 impl Exec for Api {
-    type ExecuteCodeStream = ReceiverStream<Result<ExecEvent, Status>>;
+    type ExecuteCodeStream = exec::Events;
 
     async fn execute_code(
         &self,
         req: Request<pb::ExecuteCodeRequest>,
     ) -> RpcResult<Self::ExecuteCodeStream> {
         let caller = auth::user(&req)?.clone();
+        let origin = Origin::of(&req);
         let msg = req.into_inner();
         let events = exec::execute(
             &self.runners,
@@ -316,9 +378,10 @@ impl Exec for Api {
                 params_json: msg.params_json,
                 timeout_ms: msg.timeout_ms,
             },
+            &origin,
         )
         .await?;
-        Ok(Response::new(ReceiverStream::new(events)))
+        Ok(Response::new(events))
     }
 
     async fn list_executions(
@@ -416,9 +479,10 @@ impl TunnelsRpc for Api {
 
     async fn open(&self, req: Request<Streaming<TunnelFrame>>) -> RpcResult<Splice> {
         let caller = auth::user(&req)?.clone();
+        let origin = Origin::of(&req);
         let frames = self
             .tunnels
-            .open(&self.runners, &caller, req.into_inner())
+            .open(&self.runners, &caller, req.into_inner(), &origin)
             .await?;
         Ok(Response::new(frames))
     }
@@ -547,7 +611,7 @@ impl RunnerAgent for Api {
             "runner agent attached"
         );
         let (commands, rx) = mpsc::channel(256);
-        let agent = self.runners.agents().attach(&runner_id, commands.clone());
+        let agent = self.runners.connect_agent(&runner_id, commands.clone()).await?;
         let registered = AgentCommand {
             command: Some(Command::Registered(Registered {
                 heartbeat_interval_ms: self.runners.timing().heartbeat_interval.as_millis() as u32,
@@ -557,7 +621,6 @@ impl RunnerAgent for Api {
         let _ = commands.try_send(registered);
         let _ = commands.try_send(self.runners.authorized_keys(&runner.owner_id).await?);
         let _ = commands.try_send(self.runners.mount_datasets(&runner)?);
-        self.runners.notify();
 
         let runners = self.runners.clone();
         let shutdown = self.shutdown.clone();
@@ -595,8 +658,7 @@ impl RunnerAgent for Api {
                     Some(Message::Heartbeat(_)) | Some(Message::Register(_)) | None => {}
                 }
             }
-            runners.agents().detach(&runner_id, agent.conn);
-            runners.notify();
+            runners.disconnect_agent(&runner_id, agent.conn).await;
             tracing::info!(runner = %runner.name, "runner agent detached");
         });
         Ok(Response::new(CommandStream {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use grad_proto::{self as pb, outputs_server::Outputs as OutputsRpc};
+use grad_proto::{self as pb, outputs_client::OutputsClient, outputs_server::Outputs as OutputsRpc};
 use tonic::{Request, Response};
 
 use super::{Api, RpcResult, timestamp};
@@ -11,6 +11,7 @@ use crate::{
     auth,
     blobs::Presigned,
     outputs::{Found, How, Upload},
+    replicas::Origin,
     store::OutputSet,
 };
 
@@ -70,8 +71,18 @@ impl OutputsRpc for Api {
         &self,
         req: Request<pb::CollectOutputsRequest>,
     ) -> RpcResult<pb::OutputSet> {
+        let name = &req.get_ref().runner;
+        if let Some(answer) = self
+            .forward_if_elsewhere(&req, name, |channel, req| async move {
+                OutputsClient::new(channel).collect_outputs(req).await
+            })
+            .await?
+        {
+            return Ok(answer);
+        }
         let caller = auth::user(&req)?;
-        let (found, report) = self.outputs.collect(caller, &req.get_ref().runner).await?;
+        let origin = Origin::of(&req);
+        let (found, report) = self.outputs.collect(caller, name, &origin).await?;
         let mut set = found_to_pb(&found, None);
         set.uploaded_files = report.uploaded_files;
         set.uploaded_bytes = report.uploaded_bytes;

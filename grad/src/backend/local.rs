@@ -82,9 +82,13 @@ impl Local {
             .try_clone()
             .map_err(io(format!("opening {}", log_path.display())))?;
 
+        let servers = match spec.servers.is_empty() {
+            true => self.settings.server_url.clone(),
+            false => spec.servers.join(","),
+        };
         let mut cmd = tokio::process::Command::new(&self.settings.runner_bin);
         cmd.arg("--server")
-            .arg(&self.settings.server_url)
+            .arg(servers)
             .arg("--runner-id")
             .arg(&r.id)
             .arg("--name")

@@ -36,6 +36,9 @@ pub struct Spec {
     pub runner: store::Runner,
     /// The runner's agent token; handed over out of band (env), never argv.
     pub token: String,
+    /// The grad URLs the runner dials, in order (the replicas; see
+    /// `crate::replicas`); empty: the backend's own.
+    pub servers: Vec<String>,
 }
 
 /// Something a backend noticed on its own.

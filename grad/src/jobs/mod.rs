@@ -23,6 +23,7 @@ use crate::{
     auth::UserCaller,
     blobs::{BlobStore, Key, Presigned, Sha256},
     error::{Error, Result},
+    replicas::{Bus, Topic},
     secrets::Secrets,
     store::{self, JobState, Store, now_ms},
 };
@@ -95,11 +96,11 @@ pub struct Jobs {
     blobs: Arc<dyn BlobStore>,
     secrets: Secrets,
     timing: Timing,
-    /// Bumped on every submission, state change and appended log line:
-    /// waits and log followers wake on it and look again.
-    changed: watch::Sender<u64>,
-    /// Bumped when a job joins the queue: idle claims wake on it.
-    queued: watch::Sender<u64>,
+    /// `Topic::Jobs` is bumped on every submission, state change and
+    /// appended log line: waits and log followers wake on it and look
+    /// again; `Topic::Queue` when a job joins the queue: idle claims wake
+    /// on it. On every replica (see `crate::replicas`).
+    bus: Arc<Bus>,
     shutdown: CancellationToken,
 }
 
@@ -126,6 +127,7 @@ impl Jobs {
         blobs: Arc<dyn BlobStore>,
         secrets: Secrets,
         timing: Timing,
+        bus: Arc<Bus>,
         shutdown: CancellationToken,
     ) -> Arc<Jobs> {
         Arc::new(Jobs {
@@ -133,8 +135,7 @@ impl Jobs {
             blobs,
             secrets,
             timing,
-            changed: watch::channel(0).0,
-            queued: watch::channel(0).0,
+            bus,
             shutdown,
         })
     }
@@ -148,17 +149,17 @@ impl Jobs {
     }
 
     fn bump(&self) {
-        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        self.bus.bump(Topic::Jobs);
     }
 
     /// A job was queued (new, or back for another attempt).
     fn bump_queue(&self) {
-        self.queued.send_modify(|v| *v = v.wrapping_add(1));
+        self.bus.bump(Topic::Queue);
         self.bump();
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
+        self.bus.subscribe(Topic::Jobs)
     }
 
     /// Where to upload a bundle, unless grad has it.
@@ -390,7 +391,7 @@ impl Jobs {
     /// for one to come.
     pub async fn claim(&self, runs: &Runs, wait: Duration) -> Result<Option<Claimed>> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_CLAIM_WAIT);
-        let mut changed = self.queued.subscribe();
+        let mut changed = self.bus.subscribe(Topic::Queue);
         let owner = (!runs.worker.shared).then_some(runs.worker.owner_id.as_str());
         let caps = &runs.capabilities;
         loop {

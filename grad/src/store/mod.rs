@@ -11,8 +11,10 @@ use sqlx::{
 
 use crate::error::{Error, Result};
 
+mod replicas;
 mod secrets;
 
+pub use replicas::{AgentRoute, Replica};
 pub use secrets::Secret;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -22,6 +24,8 @@ pub struct Store {
     pool: AnyPool,
     /// PostgreSQL (row locks, SKIP LOCKED) rather than SQLite (one writer).
     postgres: bool,
+    /// The PostgreSQL URL, for connections outside the pool (LISTEN).
+    url: std::sync::Arc<str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,7 +260,13 @@ impl Store {
         Ok(Store {
             pool,
             postgres: !sqlite,
+            url: url.into(),
         })
+    }
+
+    /// The PostgreSQL server's URL; `None` on SQLite.
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.postgres.then_some(&*self.url)
     }
 
     pub async fn close(&self) {
@@ -409,6 +419,21 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Moves the runner from state `from` to `to`; answers false (changing
+    /// nothing) when it was no longer in `from`: another replica moved it.
+    pub async fn set_runner_state_from(&self, id: &str, from: State, to: State) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE runners SET state = $1, reason = '', updated_at = $2 WHERE id = $3 AND state = $4",
+        )
+        .bind(to.as_str())
+        .bind(now_ms())
+        .bind(id)
+        .bind(from.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     pub async fn set_runner_pid(&self, id: &str, pid: Option<u32>) -> Result<()> {

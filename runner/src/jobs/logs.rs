@@ -16,7 +16,7 @@ use grad_proto::{
     AppendLogsRequest, LogLine, LogStream, log_archive, worker_agent_client::WorkerAgentClient,
 };
 use tokio::sync::Notify;
-use tonic::transport::Channel;
+use crate::servers::GradChannel;
 
 use super::Auth;
 
@@ -140,7 +140,7 @@ impl Log {
     /// confirmed, or `give_up` ends (the attempt was lost).
     pub async fn ship(
         self: Arc<Self>,
-        channel: Channel,
+        channel: GradChannel,
         auth: Auth,
         job_id: String,
         give_up: tokio_util::sync::CancellationToken,

@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{
     Request,
     metadata::{Ascii, MetadataValue},
-    transport::{Channel, Endpoint},
 };
+
+use crate::servers::{GradChannel, Servers};
 
 /// How long one claim waits for work at grad.
 const CLAIM_WAIT: Duration = Duration::from_secs(20);
@@ -27,12 +28,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid server URL '{url}': {source}")]
-    Url {
-        url: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    #[error("invalid server URL '{url}': {reason}")]
+    Url { url: String, reason: String },
     #[error("the worker token is not valid ASCII")]
     Token,
     #[error("grad refused this worker: {0}")]
@@ -88,7 +85,7 @@ pub struct Config {
 
 /// What every attempt shares.
 pub struct Worker {
-    pub channel: Channel,
+    pub channel: GradChannel,
     pub auth: Auth,
     pub http: grad_transfer::Client,
     pub work_dir: PathBuf,
@@ -112,16 +109,18 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Er
         what: config.work_dir.display().to_string(),
         source,
     })?;
-    let channel = Endpoint::from_shared(config.server.clone())
-        .map_err(|source| Error::Url {
-            url: config.server.clone(),
-            source,
-        })?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect_lazy();
+    let channel = Servers::parse(&config.server, |endpoint| {
+        endpoint
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+    })
+    .map_err(|e| Error::Url {
+        url: e.url,
+        reason: e.reason,
+    })?
+    .channel();
     let worker = Arc::new(Worker {
         channel,
         auth: Auth::new(&config.token)?,

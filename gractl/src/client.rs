@@ -70,7 +70,14 @@ impl ClientError {
 }
 
 fn status_message(status: &Status) -> String {
-    if status.message().is_empty() {
+    if crate::exit::Code::from_grpc(status) == crate::exit::Code::Unavailable
+        && status.code() == tonic::Code::Unknown
+    {
+        format!(
+            "the connection to grad broke during the call ({}); try again",
+            status.message()
+        )
+    } else if status.message().is_empty() {
         format!("{:?}", status.code()).to_lowercase()
     } else {
         status.message().to_owned()

@@ -89,12 +89,22 @@ impl Code {
         }
     }
 
+    /// The class of a status from grad, or of the connection to it failing
+    /// in the middle of a call (tonic reports that as UNKNOWN, with the
+    /// I/O or HTTP/2 error behind it): unavailable, like not reaching grad.
+    pub fn from_grpc(status: &tonic::Status) -> Code {
+        if status.code() == tonic::Code::Unknown && connection_lost(status) {
+            return Code::Unavailable;
+        }
+        Code::from_status(status.code())
+    }
+
     pub fn from_client_error(error: &ClientError) -> Code {
         match error {
             ClientError::InvalidUrl { .. } => Code::Usage,
             ClientError::Connect { .. } => Code::Unavailable,
             ClientError::InvalidToken => Code::Auth,
-            ClientError::Status(status) => Code::from_status(status.code()),
+            ClientError::Status(status) => Code::from_grpc(status),
         }
     }
 
@@ -183,11 +193,25 @@ impl Code {
                 };
             }
             if let Some(status) = cause.downcast_ref::<tonic::Status>() {
-                return Code::from_status(status.code());
+                return Code::from_grpc(status);
             }
         }
         Code::Internal
     }
+}
+
+/// Whether the status stands for the connection to grad breaking: an I/O
+/// error behind it, or tonic's words for an HTTP/2 or body failure.
+fn connection_lost(status: &tonic::Status) -> bool {
+    let mut cause = std::error::Error::source(status);
+    while let Some(error) = cause {
+        if error.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        cause = error.source();
+    }
+    let message = status.message();
+    message.starts_with("h2 protocol error") || message.starts_with("transport error")
 }
 
 /// A failure whose class the command decided itself (a runner that ended
@@ -288,6 +312,25 @@ mod tests {
         for (status, exit) in expected {
             assert_eq!(Code::from_status(status) as u8, exit, "{status:?}");
         }
+    }
+
+    #[test]
+    fn a_connection_broken_mid_call_is_unavailable_and_says_so() {
+        let body =
+            tonic::Status::unknown("h2 protocol error: error reading a body from connection");
+        assert_eq!(Code::from_grpc(&body), Code::Unavailable);
+        let mut reset = tonic::Status::unknown("stream ended");
+        reset.set_source(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(Code::from_grpc(&reset), Code::Unavailable);
+        // An UNKNOWN answer from grad itself stays internal.
+        assert_eq!(
+            Code::from_grpc(&tonic::Status::unknown("something odd")),
+            Code::Internal
+        );
+        let shown = ClientError::from(body).to_string();
+        assert!(shown.contains("the connection to grad broke"), "{shown}");
     }
 
     #[test]

@@ -5,9 +5,8 @@
 use std::{pin::Pin, sync::Arc};
 
 use grad_proto::{
-    AgentCommand, CancelCode, ExecEvent, ExecFinished, ExecStarted, ExecStatus,
-    ExecuteCodeRequest, RunCode, agent_command::Command, exec_client::ExecClient,
-    exec_event::Event,
+    AgentCommand, CancelCode, ExecEvent, ExecFinished, ExecStarted, ExecStatus, ExecuteCodeRequest,
+    RunCode, agent_command::Command, exec_client::ExecClient, exec_event::Event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -69,9 +68,26 @@ pub async fn execute(
     origin: &Origin,
 ) -> Result<Events> {
     validate(&mut req)?;
-    let (runner, agent) = match runners.usable(caller, &req.runner, origin).await? {
-        Reach::Here(runner, agent) => (runner, agent),
-        Reach::Replica(url) => return forward(runners, origin, &url, req).await,
+    let mut moved = false;
+    let (runner, agent) = loop {
+        match runners.usable(caller, &req.runner, origin).await? {
+            Reach::Here(runner, agent) => break (runner, agent),
+            Reach::Replica(runner, url) => match forward(runners, origin, &url, &req).await {
+                // That replica is gone: the runner is on its way to another.
+                Err(Error::Forwarded(status)) if status.code() == tonic::Code::Unavailable => {
+                    runners.replicas().unreachable(&url);
+                    if moved || !runners.wait_moved(&runner.id, &url).await? {
+                        return Err(runners.replicas().unreachable_error(
+                            &req.runner,
+                            &url,
+                            status.message(),
+                        ));
+                    }
+                    moved = true;
+                }
+                forwarded => return forwarded,
+            },
+        }
     };
 
     let execution_id = uuid::Uuid::new_v4().to_string();
@@ -169,18 +185,13 @@ pub async fn execute(
 /// Runs the code through the replica its runner's agent is connected to.
 /// The caller going away drops the forwarded call, which cancels the code
 /// there.
-async fn forward(
-    runners: &Runners,
-    origin: &Origin,
-    url: &str,
-    req: Request,
-) -> Result<Events> {
+async fn forward(runners: &Runners, origin: &Origin, url: &str, req: &Request) -> Result<Events> {
     let replicas = runners.replicas();
     let message = ExecuteCodeRequest {
-        runner: req.runner,
-        code: req.code,
-        session: req.session,
-        params_json: req.params_json,
+        runner: req.runner.clone(),
+        code: req.code.clone(),
+        session: req.session.clone(),
+        params_json: req.params_json.clone(),
         timeout_ms: req.timeout_ms,
     };
     let events = ExecClient::new(replicas.channel(url)?)

@@ -231,7 +231,7 @@ impl Outputs {
         let (runner, agent) = match self.runners.usable(caller, name, origin).await? {
             Reach::Here(runner, agent) => (runner, agent),
             // It connected to another replica after the caller checked.
-            Reach::Replica(_) => {
+            Reach::Replica(..) => {
                 return Err(Error::Unavailable(format!(
                     "runner {name} just moved to another grad replica; try again"
                 )));

@@ -284,9 +284,7 @@ impl Replicas {
         self.store
             .heartbeat_replica(&self.id, &self.url, self.started_at)
             .await?;
-        self.store
-            .prune_replicas(now_ms() - 3600 * 1000)
-            .await?;
+        self.store.prune_replicas(now_ms() - 3600 * 1000).await?;
         tracing::info!(replica = %self.id, url = %self.url, "replica registered");
         Ok(())
     }
@@ -369,6 +367,38 @@ impl Replicas {
             .connect_lazy();
         lock(&self.peers).insert(url.to_string(), channel.clone());
         Ok(channel)
+    }
+
+    /// The replica at `url` could not be reached: its channel is dropped,
+    /// and the next call to it connects afresh.
+    pub fn unreachable(&self, url: &str) {
+        lock(&self.peers).remove(url);
+    }
+
+    /// Whether the replica at `url` answers (its health service, no token).
+    pub async fn reachable(&self, url: &str) -> bool {
+        let Ok(channel) = self.channel(url) else {
+            return false;
+        };
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let check = health.check(tonic_health::pb::HealthCheckRequest::default());
+        match tokio::time::timeout(Duration::from_secs(2), check).await {
+            Ok(Ok(_)) => true,
+            _ => {
+                self.unreachable(url);
+                false
+            }
+        }
+    }
+
+    /// An error for a call that could not reach the replica holding the
+    /// runner's agent, and the runner did not move to another in time.
+    pub fn unreachable_error(&self, runner: &str, url: &str, why: &str) -> Error {
+        Error::Unavailable(format!(
+            "runner {runner} is connected to the grad replica at {url}, which cannot be \
+             reached ({why}); a runner whose replica is gone reconnects to another within \
+             seconds: try again"
+        ))
     }
 
     /// `message` as a call forwarded on the caller's behalf.

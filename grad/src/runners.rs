@@ -68,7 +68,7 @@ pub enum Reach {
     /// Connected to this replica.
     Here(store::Runner, Arc<Agent>),
     /// Connected to the replica at this URL: forward the call there.
-    Replica(String),
+    Replica(store::Runner, String),
 }
 
 /// The outcome of waiting for a runner.
@@ -236,24 +236,56 @@ impl Runners {
 
     /// Which of `ids`' agents are connected, to this replica or a live one.
     pub async fn connected(&self, ids: &[&str]) -> Result<Vec<bool>> {
-        let elsewhere: std::collections::HashSet<String> = match ids
-            .iter()
-            .all(|id| self.agents.is_connected(id))
-        {
-            true => Default::default(),
-            false => self
-                .store
-                .agent_routes()
-                .await?
-                .into_iter()
-                .filter(|route| self.replicas.elsewhere(route).is_some())
-                .map(|route| route.runner_id)
-                .collect(),
-        };
+        let elsewhere: std::collections::HashSet<String> =
+            match ids.iter().all(|id| self.agents.is_connected(id)) {
+                true => Default::default(),
+                false => self
+                    .store
+                    .agent_routes()
+                    .await?
+                    .into_iter()
+                    .filter(|route| self.replicas.elsewhere(route).is_some())
+                    .map(|route| route.runner_id)
+                    .collect(),
+            };
         Ok(ids
             .iter()
             .map(|id| self.agents.is_connected(id) || elsewhere.contains(*id))
             .collect())
+    }
+
+    /// The replica at `from`, which held the runner's agent, could not be
+    /// reached: waits for the agent to connect to another (a runner whose
+    /// replica died does within a second or two). Answers whether it did,
+    /// giving up once the dead replica's route would no longer count.
+    pub async fn wait_moved(&self, runner_id: &str, from: &str) -> Result<bool> {
+        let mut changed = self.replicas.bus().subscribe(Topic::Runners);
+        let deadline =
+            tokio::time::Instant::now() + crate::replicas::DEAD_AFTER + Duration::from_secs(2);
+        loop {
+            changed.mark_unchanged();
+            if self.agents.is_connected(runner_id) {
+                return Ok(true);
+            }
+            if self
+                .store
+                .agent_route(runner_id)
+                .await?
+                .is_some_and(|route| {
+                    self.replicas
+                        .elsewhere(&route)
+                        .is_some_and(|url| url != from)
+                })
+            {
+                return Ok(true);
+            }
+            let tick = tokio::time::sleep(Duration::from_millis(200));
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = tick => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(false),
+            }
+        }
     }
 
     /// The URL of the replica to forward a call about runner `name` to: the
@@ -264,7 +296,7 @@ impl Runners {
         caller: &UserCaller,
         name: &str,
         origin: &Origin,
-    ) -> Result<Option<String>> {
+    ) -> Result<Option<(store::Runner, String)>> {
         if origin.forwarded {
             return Ok(None);
         }
@@ -272,7 +304,11 @@ impl Runners {
         if self.agents.is_connected(&runner.id) {
             return Ok(None);
         }
-        self.replicas.holder(&runner.id).await
+        Ok(self
+            .replicas
+            .holder(&runner.id)
+            .await?
+            .map(|url| (runner, url)))
     }
 
     /// The caller's runner, ready, and where its agent is connected: what
@@ -325,7 +361,7 @@ impl Runners {
         if !origin.forwarded
             && let Some(url) = self.replicas.holder(&runner.id).await?
         {
-            return Ok(Reach::Replica(url));
+            return Ok(Reach::Replica(runner, url));
         }
         Err(Error::Unavailable(format!(
             "runner {name} is not connected to grad right now; retry in a few seconds"

@@ -80,9 +80,26 @@ impl Tunnels {
                 "runner: the first tunnel frame must name the runner".into(),
             ));
         }
-        let (runner, agent) = match runners.usable(caller, &first.runner, origin).await? {
-            Reach::Here(runner, agent) => (runner, agent),
-            Reach::Replica(url) => return forward(runners, origin, &url, first, client).await,
+        let mut moved = false;
+        let (runner, agent) = loop {
+            match runners.usable(caller, &first.runner, origin).await? {
+                Reach::Here(runner, agent) => break (runner, agent),
+                // The client's stream can be handed on only once: the
+                // replica is checked first.
+                Reach::Replica(_, url) if runners.replicas().reachable(&url).await => {
+                    return forward(runners, origin, &url, first, client).await;
+                }
+                Reach::Replica(runner, url) => {
+                    if moved || !runners.wait_moved(&runner.id, &url).await? {
+                        return Err(runners.replicas().unreachable_error(
+                            &first.runner,
+                            &url,
+                            "no answer to a health check",
+                        ));
+                    }
+                    moved = true;
+                }
+            }
         };
         let tunnel_id = uuid::Uuid::new_v4().to_string();
         let (runner_end, dialed) = oneshot::channel();
@@ -107,7 +124,11 @@ impl Tunnels {
             tunnels: self,
             tunnel_id: &tunnel_id,
         };
+        // The owner's keys as they are now go first: a key added a moment
+        // ago on another replica is there when the SSH client offers it.
+        let keys = runners.authorized_keys(&runner.owner_id).await?;
         let dialed = async {
+            agent.commands.send(keys).await.ok()?;
             agent.commands.send(open).await.ok()?;
             tokio::time::timeout(HANDSHAKE, dialed).await.ok()?.ok()
         };

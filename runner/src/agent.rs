@@ -25,9 +25,9 @@ use tonic::{
 
 use crate::{
     datasets::Mounts,
-    servers::Servers,
     kernel::{self, Sessions},
     outputs::Collector,
+    servers::Servers,
     ssh,
 };
 

@@ -106,9 +106,8 @@ impl From<Channel> for GradChannel {
     }
 }
 
-type ResponseFuture = Pin<
-    Box<dyn Future<Output = Result<http::Response<Body>, tonic::transport::Error>> + Send>,
->;
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Body>, tonic::transport::Error>> + Send>>;
 
 impl Service<http::Request<Body>> for GradChannel {
     type Response = http::Response<Body>;

@@ -40,6 +40,12 @@ pub fn bin(name: &str) -> PathBuf {
 /// (`scripts/with_postgres.sh` sets it), or None to use grad's SQLite.
 fn postgres_database() -> Option<String> {
     let base = std::env::var("GRAD_TEST_POSTGRES_URL").ok()?;
+    Some(create_database(&base))
+}
+
+/// Creates a database with a fresh name on the server at `base`; answers
+/// its URL.
+fn create_database(base: &str) -> String {
     let name = format!("grad_{}", uuid_like());
     let out = Command::new("psql")
         .arg(format!("{base}/postgres"))
@@ -57,7 +63,126 @@ fn postgres_database() -> Option<String> {
         "creating database {name}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Some(format!("{base}/{name}"))
+    format!("{base}/{name}")
+}
+
+/// A PostgreSQL server for tests that need one whatever the suite runs on
+/// (several grad replicas share one database): `GRAD_TEST_POSTGRES_URL`'s,
+/// or a private one (initdb + pg_ctl in a temp dir, as the `postgres` user
+/// when run as root), stopped when dropped.
+pub struct Postgres {
+    pub url: String,
+    private: Option<(PathBuf, tempfile::TempDir)>,
+}
+
+impl Postgres {
+    /// None (after `require`) when neither is available.
+    pub fn start() -> Option<Postgres> {
+        if let Ok(url) = std::env::var("GRAD_TEST_POSTGRES_URL") {
+            return Some(Postgres { url, private: None });
+        }
+        let bindir = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| {
+                versions
+                    .filter_map(Result::ok)
+                    .map(|v| v.path().join("bin"))
+                    .filter(|b| b.join("initdb").exists())
+                    .max()
+            });
+        let psql = Command::new("psql").arg("--version").output().is_ok();
+        if !require(
+            "PostgreSQL (initdb, pg_ctl, psql: apt-get install postgresql)",
+            bindir.is_some() && psql,
+        ) {
+            return None;
+        }
+        let bindir = bindir?;
+        let tmp = tempfile::Builder::new()
+            .prefix("grad-pg")
+            .tempdir()
+            .expect("temp dir");
+        let root = is_root();
+        if root {
+            let status = Command::new("chown")
+                .arg("postgres")
+                .arg(tmp.path())
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown postgres {}", tmp.path().display());
+        }
+        let port = free_port();
+        let data = tmp.path().join("data");
+        let run = |command: String| {
+            let out = match root {
+                true => Command::new("su")
+                    .args(["postgres", "-s", "/bin/sh", "-c", &command])
+                    .output(),
+                false => Command::new("sh").args(["-c", &command]).output(),
+            }
+            .expect("run a PostgreSQL tool");
+            assert!(
+                out.status.success(),
+                "{command}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(format!(
+            "{}/initdb -D {} -A trust -U postgres",
+            bindir.display(),
+            data.display()
+        ));
+        run(format!(
+            "{}/pg_ctl -D {} -l {}/server.log -w -o '-p {port} -k {} -c listen_addresses=127.0.0.1 \
+             -c max_connections=500 -c fsync=off' start",
+            bindir.display(),
+            data.display(),
+            tmp.path().display(),
+            tmp.path().display()
+        ));
+        Some(Postgres {
+            url: format!("postgres://postgres@127.0.0.1:{port}"),
+            private: Some((bindir, tmp)),
+        })
+    }
+
+    /// A new, empty database on this server; answers its URL.
+    pub fn database(&self) -> String {
+        create_database(&self.url)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some((bindir, tmp)) = &self.private {
+            let command = format!(
+                "{}/pg_ctl -D {}/data -m immediate -w stop",
+                bindir.display(),
+                tmp.path().display()
+            );
+            let _ = match is_root() {
+                true => Command::new("su")
+                    .args(["postgres", "-s", "/bin/sh", "-c", &command])
+                    .output(),
+                false => Command::new("sh").args(["-c", &command]).output(),
+            };
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A TCP port free on loopback right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// 16 random hex digits (from the clock and the process: unique enough for
@@ -124,6 +249,9 @@ pub struct Grad {
     child: Option<Child>,
     extra_args: Vec<String>,
     extra_env: Vec<(String, String)>,
+    /// Another replica's data dir and database: its runners are the
+    /// first grad's to clean up.
+    replica: bool,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -140,11 +268,16 @@ impl Grad {
     /// Starts grad with extra flags and environment variables (the AWS
     /// SDK's credentials for an S3 blob store, say).
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Grad {
+        Grad::start_on(postgres_database(), args, env)
+    }
+
+    /// Starts grad on the database at `database_url` (None: its SQLite).
+    pub fn start_on(database_url: Option<String>, args: &[&str], env: &[(&str, &str)]) -> Grad {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data_dir = tmp.path().join("grad");
         let mut grad = Grad {
             data_dir,
-            database_url: postgres_database(),
+            database_url,
             url: String::new(),
             admin_token: String::new(),
             child: None,
@@ -153,6 +286,7 @@ impl Grad {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            replica: false,
             _tmp: Some(tmp),
         };
         grad.spawn("127.0.0.1:0");
@@ -205,6 +339,32 @@ impl Grad {
             .expect("grad did not report its address within 30s");
         self.url = format!("http://{addr}");
         self.child = Some(child);
+    }
+
+    /// Another replica of this grad: the same database and data dir (its
+    /// keys, its embedded blob store), its own port.
+    pub fn replica(&self) -> Grad {
+        let mut replica = Grad {
+            data_dir: self.data_dir.clone(),
+            database_url: self.database_url.clone(),
+            url: String::new(),
+            admin_token: self.admin_token.clone(),
+            child: None,
+            extra_args: self.extra_args.clone(),
+            extra_env: self.extra_env.clone(),
+            replica: true,
+            _tmp: None,
+        };
+        replica.spawn("127.0.0.1:0");
+        replica
+    }
+
+    /// Kills grad with SIGKILL: no draining, nothing said to anyone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Sends SIGTERM and waits for grad to exit; returns its exit status.
@@ -299,6 +459,23 @@ impl Grad {
         );
     }
 
+    /// The rows of one query on this grad's PostgreSQL database, as psql
+    /// prints them unaligned (`|` between columns).
+    pub fn query_postgres(&self, sql: &str) -> String {
+        let url = self.database_url.as_ref().expect("a grad on PostgreSQL");
+        let out = Command::new("psql")
+            .arg(url)
+            .args(["-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// `grad ARGS` on this grad's data dir and database (`grad user ...`).
     pub fn admin_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("grad"));
@@ -384,9 +561,9 @@ impl Grad {
 
 impl Drop for Grad {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        self.kill();
+        if self.replica {
+            return;
         }
         // Runner processes outlive grad by design; the test's are ours to
         // end: asked first, so they unmount their datasets, then killed.
@@ -462,6 +639,20 @@ impl Grad {
         agent_args: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
+        self.start_agent_at(&self.url, token, name, create_args, agent_args, env)
+    }
+
+    /// [`Grad::start_agent_with_env`] dialing `servers` (several replicas'
+    /// URLs, comma-separated) rather than this grad alone.
+    pub fn start_agent_at(
+        &self,
+        servers: &str,
+        token: &str,
+        name: &str,
+        create_args: &[&str],
+        agent_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let token_file = dir.path().join("token");
         let out = self
@@ -477,7 +668,7 @@ impl Grad {
             String::from_utf8_lossy(&out.stderr)
         );
         let mut child = Command::new(bin("grad-runner"))
-            .args(["agent", "--server", &self.url, "--token-file"])
+            .args(["agent", "--server", servers, "--token-file"])
             .arg(&token_file)
             .arg("--work-dir")
             .arg(dir.path().join("work"))
@@ -529,9 +720,7 @@ impl DockerEngine {
                 .status()
                 .is_ok_and(|s| s.success())
         };
-        #[allow(unsafe_code)]
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = is_root();
         if !require(
             "dockerd and docker (apt-get install docker.io)",
             found("dockerd") && found("docker"),

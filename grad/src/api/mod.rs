@@ -9,12 +9,11 @@ use std::{
 };
 
 use grad_proto::{
-    self as pb, AgentCommand, AgentMessage, Registered, TunnelFrame,
-    agent_command::Command, agent_message::Message, datasets_server::Datasets as DatasetsRpc,
-    exec_server::Exec, runner_agent_server::RunnerAgent, runners_client::RunnersClient,
-    runners_server::Runners as RunnersRpc,
-    secrets_server::Secrets as SecretsRpc, tunnels_server::Tunnels as TunnelsRpc,
-    users_server::Users,
+    self as pb, AgentCommand, AgentMessage, Registered, TunnelFrame, agent_command::Command,
+    agent_message::Message, datasets_server::Datasets as DatasetsRpc, exec_server::Exec,
+    runner_agent_server::RunnerAgent, runners_client::RunnersClient,
+    runners_server::Runners as RunnersRpc, secrets_server::Secrets as SecretsRpc,
+    tunnels_server::Tunnels as TunnelsRpc, users_server::Users,
 };
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -117,12 +116,29 @@ impl Api {
     {
         let caller = auth::user(req)?;
         let origin = Origin::of(req);
-        let Some(url) = self.runners.held_elsewhere(caller, name, &origin).await? else {
-            return Ok(None);
-        };
         let replicas = self.runners.replicas();
-        let forwarded = replicas.forward(&origin, req.get_ref().clone());
-        call(replicas.channel(&url)?, forwarded).await.map(Some)
+        let mut call = Some(call);
+        let mut moved = false;
+        loop {
+            let Some((runner, url)) = self.runners.held_elsewhere(caller, name, &origin).await?
+            else {
+                return Ok(None);
+            };
+            if !replicas.reachable(&url).await {
+                if moved || !self.runners.wait_moved(&runner.id, &url).await? {
+                    return Err(replicas
+                        .unreachable_error(name, &url, "no answer to a health check")
+                        .into());
+                }
+                moved = true;
+                continue;
+            }
+            let forwarded = replicas.forward(&origin, req.get_ref().clone());
+            let call = call
+                .take()
+                .ok_or_else(|| Status::internal("forwarded twice"))?;
+            return call(replicas.channel(&url)?, forwarded).await.map(Some);
+        }
     }
 }
 
@@ -611,7 +627,10 @@ impl RunnerAgent for Api {
             "runner agent attached"
         );
         let (commands, rx) = mpsc::channel(256);
-        let agent = self.runners.connect_agent(&runner_id, commands.clone()).await?;
+        let agent = self
+            .runners
+            .connect_agent(&runner_id, commands.clone())
+            .await?;
         let registered = AgentCommand {
             command: Some(Command::Registered(Registered {
                 heartbeat_interval_ms: self.runners.timing().heartbeat_interval.as_millis() as u32,

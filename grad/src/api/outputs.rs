@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use grad_proto::{self as pb, outputs_client::OutputsClient, outputs_server::Outputs as OutputsRpc};
+use grad_proto::{
+    self as pb, outputs_client::OutputsClient, outputs_server::Outputs as OutputsRpc,
+};
 use tonic::{Request, Response};
 
 use super::{Api, RpcResult, timestamp};

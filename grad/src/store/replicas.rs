@@ -111,7 +111,12 @@ impl Store {
     }
 
     /// `runner_id`'s agent is now connected to replica `replica_id` as `conn`.
-    pub async fn set_agent_route(&self, runner_id: &str, replica_id: &str, conn: u64) -> Result<()> {
+    pub async fn set_agent_route(
+        &self,
+        runner_id: &str,
+        replica_id: &str,
+        conn: u64,
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO agent_routes (runner_id, replica_id, conn, attached_at, detached_at) \
              VALUES ($1, $2, $3, $4, NULL) \
@@ -129,7 +134,12 @@ impl Store {
 
     /// Connection `conn` of `runner_id` on `replica_id` ended, unless a newer
     /// connection (here or on another replica) replaced it already.
-    pub async fn detach_agent_route(&self, runner_id: &str, replica_id: &str, conn: u64) -> Result<()> {
+    pub async fn detach_agent_route(
+        &self,
+        runner_id: &str,
+        replica_id: &str,
+        conn: u64,
+    ) -> Result<()> {
         sqlx::query(
             "UPDATE agent_routes SET detached_at = $1 \
              WHERE runner_id = $2 AND replica_id = $3 AND conn = $4 AND detached_at IS NULL",

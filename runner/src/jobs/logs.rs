@@ -12,11 +12,11 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use crate::servers::GradChannel;
 use grad_proto::{
     AppendLogsRequest, LogLine, LogStream, log_archive, worker_agent_client::WorkerAgentClient,
 };
 use tokio::sync::Notify;
-use crate::servers::GradChannel;
 
 use super::Auth;
 

@@ -22,6 +22,7 @@ bench:
 	bash scripts/bench_sync.sh
 	bash scripts/bench_datasets.sh
 	target/release/grad-bench-jobs 2> target/bench-jobs.log
+	target/release/grad-bench-replicas 2> target/bench-replicas.log
 
 lint:
 	$(CARGO) fmt --all -- --check

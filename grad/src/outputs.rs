@@ -358,11 +358,13 @@ impl Outputs {
                 found.set.runner_name, found.set.runner_name
             )));
         }
-        let _objects = self.objects.lock().await;
-        self.store.delete_output_set(&found.set.runner_id).await?;
-        let contents: HashSet<&str> = found.files.iter().map(|f| f.sha256.as_str()).collect();
-        self.delete_unreferenced(&found.set.owner_id, contents)
-            .await?;
+        self.objects_locked(&found.set.owner_id, async {
+            self.store.delete_output_set(&found.set.runner_id).await?;
+            let contents: HashSet<&str> = found.files.iter().map(|f| f.sha256.as_str()).collect();
+            self.delete_unreferenced(&found.set.owner_id, contents)
+                .await
+        })
+        .await?;
         tracing::info!(runner = %found.set.runner_name, owner = %found.set.owner_name, "outputs removed");
         Ok(found.set)
     }
@@ -538,51 +540,72 @@ impl Outputs {
                 .await?;
         }
 
-        let _objects = self.objects.lock().await;
-        let previous = self.store.output_files(&set.set_id).await?;
-        let missing = self
-            .missing(&set.owner_id, &manifest.files, &previous)
-            .await?;
-        if let Some((sha256, _)) = missing.first() {
-            let path = manifest
-                .files
+        self.objects_locked(&set.owner_id, async {
+            let previous = self.store.output_files(&set.set_id).await?;
+            let missing = self
+                .missing(&set.owner_id, &manifest.files, &previous)
+                .await?;
+            if let Some((sha256, _)) = missing.first() {
+                let path = manifest
+                    .files
+                    .iter()
+                    .find(|f| &f.sha256 == sha256)
+                    .map(|f| f.path.as_str())
+                    .unwrap_or_default();
+                return Err(Error::FailedPrecondition(format!(
+                    "outputs/{path}: its content ({sha256}) is not in the blob store \
+                     ({} objects missing in all): upload before committing",
+                    missing.len()
+                )));
+            }
+            let recorded = OutputSet {
+                runner_id: set.set_id.clone(),
+                owner_id: set.owner_id.clone(),
+                owner_name: set.owner_name.clone(),
+                runner_name: set.name.clone(),
+                collected_at: now_ms(),
+                file_count: manifest.files.len() as u64,
+                total_bytes: manifest.files.iter().map(|f| f.size).sum(),
+                skipped: manifest.skipped,
+                deleted_at: None,
+                source: set.source,
+            };
+            self.store
+                .replace_outputs(&recorded, &manifest.files)
+                .await?;
+            let kept: HashSet<&str> = manifest.files.iter().map(|f| f.sha256.as_str()).collect();
+            let dropped: HashSet<&str> = previous
                 .iter()
-                .find(|f| &f.sha256 == sha256)
-                .map(|f| f.path.as_str())
-                .unwrap_or_default();
-            return Err(Error::FailedPrecondition(format!(
-                "outputs/{path}: its content ({sha256}) is not in the blob store \
-                 ({} objects missing in all): upload before committing",
-                missing.len()
-            )));
+                .map(|f| f.sha256.as_str())
+                .filter(|sha256| !kept.contains(sha256))
+                .collect();
+            self.delete_unreferenced(&set.owner_id, dropped).await?;
+            Ok(recorded)
+        })
+        .await
+    }
+
+    /// Runs `work` holding the lock on `owner_id`'s content objects: this
+    /// grad's mutex, and on PostgreSQL the database's lock that every
+    /// replica takes, so that no replica deletes an object another is
+    /// recording a set with.
+    async fn objects_locked<T>(
+        &self,
+        owner_id: &str,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let _objects = self.objects.lock().await;
+        let held = self.store.lock_objects(owner_id).await?;
+        let done = work.await;
+        if let Err(e) = held.release().await {
+            // Its connection was closed instead, which released it.
+            tracing::warn!(error = %e, "unlocking the outputs' objects");
         }
-        let recorded = OutputSet {
-            runner_id: set.set_id.clone(),
-            owner_id: set.owner_id.clone(),
-            owner_name: set.owner_name.clone(),
-            runner_name: set.name.clone(),
-            collected_at: now_ms(),
-            file_count: manifest.files.len() as u64,
-            total_bytes: manifest.files.iter().map(|f| f.size).sum(),
-            skipped: manifest.skipped,
-            deleted_at: None,
-            source: set.source,
-        };
-        self.store
-            .replace_outputs(&recorded, &manifest.files)
-            .await?;
-        let kept: HashSet<&str> = manifest.files.iter().map(|f| f.sha256.as_str()).collect();
-        let dropped: HashSet<&str> = previous
-            .iter()
-            .map(|f| f.sha256.as_str())
-            .filter(|sha256| !kept.contains(sha256))
-            .collect();
-        self.delete_unreferenced(&set.owner_id, dropped).await?;
-        Ok(recorded)
+        done
     }
 
     /// Deletes the objects among `contents` that no output of `owner_id`
-    /// refers to. Caller holds `objects`.
+    /// refers to. Caller holds the objects lock (`objects_locked`).
     async fn delete_unreferenced<'a>(
         &self,
         owner_id: &str,

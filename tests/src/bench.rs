@@ -30,12 +30,7 @@ async fn execute(client: &Client, code: &str) -> anyhow::Result<()> {
     anyhow::bail!("stream ended without finished")
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use grad_tests::bench::env_usize;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {

@@ -14,25 +14,17 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::Path,
     process::{Command, Stdio},
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use gractl::client::Client;
 use grad_proto::{JobSpec, JobState};
 use grad_tests::{
     Grad,
+    bench::{env_usize, submit_burst, upload},
     stats::{Stats, of as stats},
 };
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn now_ns() -> u128 {
     SystemTime::now()
@@ -43,18 +35,6 @@ fn now_ns() -> u128 {
 
 fn since_ns(then: u128) -> Duration {
     Duration::from_nanos(now_ns().saturating_sub(then) as u64)
-}
-
-/// Bundles `dir` and uploads it (once); answers its digest.
-async fn upload(client: &Client, dir: &Path) -> anyhow::Result<String> {
-    let file = tempfile::NamedTempFile::new()?;
-    let made = grad_bundle::create(dir, std::io::BufWriter::new(file.reopen()?))?;
-    if let Some(put) = client.create_upload(&made.sha256, made.size).await? {
-        grad_transfer::Client::new()?
-            .put_file(&put, file.path(), 0, made.size, None)
-            .await?;
-    }
-    Ok(made.sha256)
 }
 
 fn spec(name: &str, command: &str) -> JobSpec {
@@ -120,26 +100,11 @@ async fn main() -> anyhow::Result<()> {
         ..spec("throughput", "true")
     };
     let per = submissions / connections.max(1);
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut clients = Vec::new();
     for _ in 0..connections {
-        let client = grad.admin().await;
-        let (spec, bundle) = (queued.clone(), bundle.clone());
-        tasks.spawn(async move {
-            let mut took = Vec::with_capacity(per);
-            for _ in 0..per {
-                let t = Instant::now();
-                client.submit_job(spec.clone(), &bundle).await?;
-                took.push(t.elapsed());
-            }
-            Ok::<_, anyhow::Error>(took)
-        });
+        clients.push(grad.admin().await);
     }
-    let mut submit_latency = Vec::new();
-    while let Some(done) = tasks.join_next().await {
-        submit_latency.extend(done??);
-    }
-    let elapsed = started.elapsed();
+    let (submit_latency, elapsed) = submit_burst(clients, &queued, &bundle, per).await?;
     let rate = submit_latency.len() as f64 / elapsed.as_secs_f64();
 
     // 3. log line → follower.

@@ -860,6 +860,66 @@ pub mod stats {
     }
 }
 
+/// What the `make bench` binaries share.
+pub mod bench {
+    use std::{
+        path::Path,
+        time::{Duration, Instant},
+    };
+
+    use gractl::client::Client;
+    use grad_proto::JobSpec;
+
+    /// A count from the environment (`BENCH_*`), or `default`.
+    pub fn env_usize(name: &str, default: usize) -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// Bundles `dir` and uploads it (once); answers its digest.
+    pub async fn upload(client: &Client, dir: &Path) -> anyhow::Result<String> {
+        let file = tempfile::NamedTempFile::new()?;
+        let made = grad_bundle::create(dir, std::io::BufWriter::new(file.reopen()?))?;
+        if let Some(put) = client.create_upload(&made.sha256, made.size).await? {
+            grad_transfer::Client::new()?
+                .put_file(&put, file.path(), 0, made.size, None)
+                .await?;
+        }
+        Ok(made.sha256)
+    }
+
+    /// `per` SubmitJob calls on each client, all clients at once: each
+    /// call's latency, and how long the whole burst took.
+    pub async fn submit_burst(
+        clients: Vec<Client>,
+        spec: &JobSpec,
+        bundle: &str,
+        per: usize,
+    ) -> anyhow::Result<(Vec<Duration>, Duration)> {
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for client in clients {
+            let (spec, bundle) = (spec.clone(), bundle.to_owned());
+            tasks.spawn(async move {
+                let mut took = Vec::with_capacity(per);
+                for _ in 0..per {
+                    let t = Instant::now();
+                    client.submit_job(spec.clone(), &bundle).await?;
+                    took.push(t.elapsed());
+                }
+                Ok::<_, anyhow::Error>(took)
+            });
+        }
+        let mut latency = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            latency.extend(done??);
+        }
+        Ok((latency, started.elapsed()))
+    }
+}
+
 /// Every regular file under `dir` whose bytes contain `needle` (to prove a
 /// secret is nowhere on disk).
 pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {

@@ -460,3 +460,46 @@ fn wait_for_exit(child: &mut std::process::Child, timeout: Duration) -> Option<i
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Outputs' object GC across replicas: while one replica holds an owner's
+/// objects lock (recording a set, or deciding what nobody refers to), a
+/// second replica's store waits for it; the lock goes when released, and
+/// with its connection when a holder dies without releasing it; a wait
+/// given up (the timeouts here) leaves nothing held behind. Another
+/// owner's lock is independent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outputs_objects_lock_holds_across_replicas() {
+    let Some(postgres) = Postgres::start() else {
+        return;
+    };
+    let url = postgres.database();
+    let a = grad::store::Store::connect(&url).await.unwrap();
+    let b = grad::store::Store::connect(&url).await.unwrap();
+    let waits = |store: grad::store::Store, owner: &'static str| async move {
+        tokio::time::timeout(Duration::from_millis(500), store.lock_objects(owner)).await
+    };
+
+    let held = a.lock_objects("alice").await.unwrap();
+    assert!(
+        waits(b.clone(), "alice").await.is_err(),
+        "B took alice's objects lock while A held it"
+    );
+    let bobs = waits(b.clone(), "bob")
+        .await
+        .expect("bob's lock is not alice's");
+    bobs.unwrap().release().await.unwrap();
+    held.release().await.unwrap();
+    let taken = waits(b.clone(), "alice").await.expect("released by A");
+    taken.unwrap().release().await.unwrap();
+
+    // A holder that goes away without releasing (an error, a cancelled
+    // call, a dying replica) takes the lock with its connection.
+    let held = a.lock_objects("alice").await.unwrap();
+    drop(held);
+    let taken = waits(b.clone(), "alice")
+        .await
+        .expect("the lock went with A's connection");
+    taken.unwrap().release().await.unwrap();
+    a.close().await;
+    b.close().await;
+}

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 mod replicas;
 mod secrets;
 
-pub use replicas::{AgentRoute, Replica};
+pub use replicas::{AgentRoute, ObjectsLock, Replica};
 pub use secrets::Secret;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

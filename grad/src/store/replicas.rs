@@ -185,3 +185,71 @@ impl Store {
         Ok(())
     }
 }
+
+/// One owner's content objects, locked across replicas while a commit
+/// checks and records a set or a removal decides what nobody refers to
+/// (outputs GC). On PostgreSQL it is a session advisory lock held on a
+/// connection taken from the pool, so a replica that dies mid-way
+/// releases it with its connection; on SQLite (one grad) it is nothing
+/// beyond the caller's own mutex.
+pub struct ObjectsLock {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    key: String,
+}
+
+fn objects_key(owner_id: &str) -> String {
+    format!("grad-objects:{owner_id}")
+}
+
+impl Store {
+    /// Waits for the lock on `owner_id`'s content objects.
+    pub async fn lock_objects(&self, owner_id: &str) -> Result<ObjectsLock> {
+        let key = objects_key(owner_id);
+        if !self.postgres {
+            return Ok(ObjectsLock { conn: None, key });
+        }
+        // Built before the wait, so that a call cancelled while waiting
+        // closes this connection rather than handing the pool a session
+        // that will get the lock later and keep it.
+        let mut lock = ObjectsLock {
+            conn: Some(self.pool.acquire().await?),
+            key,
+        };
+        if let Some(conn) = lock.conn.as_mut() {
+            sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+                .bind(&lock.key)
+                .execute(&mut **conn)
+                .await?;
+        }
+        Ok(lock)
+    }
+}
+
+impl ObjectsLock {
+    /// Unlocks and hands the connection back to the pool.
+    pub async fn release(mut self) -> Result<()> {
+        if let Some(mut conn) = self.conn.take() {
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+                .bind(&self.key)
+                .execute(&mut *conn)
+                .await;
+            if unlocked.is_err() {
+                // Closing the session is what releases it then.
+                drop(conn.detach());
+            }
+            unlocked?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ObjectsLock {
+    /// A lock not released (an error or a cancelled call on the way) must
+    /// not go back to the pool still held: its connection is closed, which
+    /// ends the session and with it the lock.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
+    }
+}

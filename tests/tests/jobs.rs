@@ -269,6 +269,13 @@ fn a_killed_workers_job_goes_back_to_the_queue_and_another_worker_finishes_it() 
         Duration::from_secs(20),
         || pidfile.exists(),
     );
+    // Killed only once its first line reached grad: a line the worker
+    // never read cannot be kept.
+    wait_until(
+        "attempt 1's first line to reach grad",
+        Duration::from_secs(20),
+        || logs(&grad, &grad.admin_token, &id) == "first\n",
+    );
     first.kill();
     // The orphaned command of the dead worker, as a dead machine would take it.
     let orphan: i32 = std::fs::read_to_string(&pidfile)

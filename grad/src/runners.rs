@@ -48,6 +48,10 @@ impl Default for Timing {
     }
 }
 
+/// How long the liveness monitor leaves a vanished process to the reaper,
+/// which knows how it exited.
+const EXIT_REPORT_GRACE_MS: i64 = 1000;
+
 pub const DEFAULT_RESOURCES: Resources = Resources {
     cpu_millis: 1000,
     memory_bytes: 2 << 30,
@@ -1022,7 +1026,16 @@ impl Runners {
                         humantime::format_duration(self.timing.heartbeat_timeout)
                     )),
                     Some(_) => None,
-                    None if runner.pid.is_some() && !self.backend.alive(&runner) => {
+                    // A process of this grad's reports its own exit, with
+                    // its status (`run_backend_events`): this is for the
+                    // others (started by an earlier grad), after a moment.
+                    None if runner.pid.is_some()
+                        && !self.backend.alive(&runner)
+                        && self
+                            .agents
+                            .disconnected_at(&runner.id)
+                            .is_none_or(|at| now - at > EXIT_REPORT_GRACE_MS) =>
+                    {
                         Some("runner process is gone".to_string())
                     }
                     None => {

@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test demo bench lint fmt clean
+.PHONY: build test demo bench lint fmt clean dev images validate-manifests
 
 build:
 	$(CARGO) build --workspace --bins
@@ -33,3 +33,18 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+# Kubernetes (k8s/, runner-image/, skaffold.yaml): grad on minikube with hot
+# reload. The eval shares the recipe line with skaffold so that the images are
+# built in minikube's docker, where the pods find them.
+dev:
+	minikube start --cpus=4 --memory=16384
+	eval $$(minikube docker-env) && skaffold dev -p development --port-forward
+
+# Both images, into the current docker (for minikube's: eval $$(minikube docker-env) first).
+images:
+	DOCKER_BUILDKIT=1 docker build -f runner-image/grad.Dockerfile -t grad:dev .
+	DOCKER_BUILDKIT=1 docker build -f runner-image/Dockerfile -t grad-runner:dev .
+
+validate-manifests:
+	bash scripts/validate_manifests.sh

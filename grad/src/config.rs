@@ -27,7 +27,7 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve gRPC and HTTP on one port, with local runners.
+    /// Serve gRPC and HTTP on one port, with local or Kubernetes runners.
     Serve(Box<Config>),
     /// Manage users and their tokens (works on the data dir directly).
     #[command(subcommand)]
@@ -77,9 +77,11 @@ pub struct Config {
     /// A ready runner silent for this long is marked failed.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub heartbeat_timeout: Duration,
-    /// A starting runner that has not registered within this long is marked failed.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    pub start_timeout: Duration,
+    /// A starting runner that has not registered within this long is marked
+    /// failed (default: 30s for local runners, 5m on Kubernetes, where
+    /// image pulls and scheduling come first).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub start_timeout: Option<Duration>,
     /// A job attempt whose worker does not renew its lease for this long is
     /// lost (queued again, or failed once its retries are used up).
     #[arg(long, env = "GRAD_JOB_LEASE", default_value = "15s", value_parser = humantime::parse_duration)]
@@ -90,6 +92,52 @@ pub struct Config {
     pub secrets_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub blobs: Blobs,
+    #[command(flatten)]
+    pub kubernetes: KubernetesArgs,
+}
+
+/// Where runners live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// `grad-runner` processes on this machine (the embedded default).
+    Local,
+    /// A Pod per runner, through the Kubernetes API (in-cluster, or the
+    /// kubeconfig in KUBECONFIG / ~/.kube/config).
+    Kubernetes,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KubernetesArgs {
+    /// Where runners live: `local` processes or `kubernetes` pods.
+    #[arg(long, env = "GRAD_BACKEND", value_enum, default_value_t = BackendKind::Local)]
+    pub backend: BackendKind,
+    /// With --backend kubernetes: the namespace of the runners' pods,
+    /// claims and secrets.
+    #[arg(long, env = "GRAD_NAMESPACE", default_value = "grad-runners")]
+    pub namespace: String,
+    /// With --backend kubernetes: the runner image (grad-runner with
+    /// Python, pandas, DuckDB and s3fs; runner-image/Dockerfile).
+    #[arg(long, env = "GRAD_RUNNER_IMAGE", default_value = "grad-runner:dev")]
+    pub runner_image: String,
+    /// With --backend kubernetes: the runner pods' image pull policy
+    /// (Always, IfNotPresent or Never; default: Kubernetes').
+    #[arg(long, env = "GRAD_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
+    pub image_pull_policy: Option<String>,
+    /// With --backend kubernetes: the storage class of the runners'
+    /// workspace claims (empty: the cluster's default).
+    #[arg(long, env = "GRAD_STORAGE_CLASS", default_value = "")]
+    pub storage_class: String,
+    /// With --backend kubernetes: each runner's ephemeral-storage request
+    /// and limit (a Kubernetes quantity; empty: none).
+    #[arg(long, env = "GRAD_RUNNER_EPHEMERAL_STORAGE", default_value = "10Gi")]
+    pub runner_ephemeral_storage: String,
+    /// With --backend kubernetes: the URL runner pods dial, the Service in
+    /// front of every replica (default: --advertise-url).
+    #[arg(long, env = "GRAD_SERVICE_URL")]
+    pub service_url: Option<String>,
+    /// How often grad looks for pods, claims and secrets no runner owns.
+    #[arg(long, env = "GRAD_LEFTOVER_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub leftover_interval: Duration,
 }
 
 /// Where blobs (outputs, bundles, logs) are kept.
@@ -175,6 +223,25 @@ impl Config {
         {
             return Err(format!(
                 "--advertise-url '{url}': expected a URL like http://10.0.0.5:7070"
+            ));
+        }
+        if let Some(url) = &self.kubernetes.service_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!(
+                "--service-url '{url}': expected a URL like http://grad.grad.svc.cluster.local:7070"
+            ));
+        }
+        if let Some(bad) = self
+            .kubernetes
+            .runner_ephemeral_storage
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '.'))
+        {
+            return Err(format!(
+                "--runner-ephemeral-storage '{}': '{bad}' is not part of a Kubernetes \
+                 quantity such as 10Gi",
+                self.kubernetes.runner_ephemeral_storage
             ));
         }
         let blobs = &self.blobs;

@@ -105,6 +105,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    // Two TLS providers are compiled in (ring, and aws-lc-rs under the AWS
+    // SDK); rustls then makes the process pick one: the Kubernetes client
+    // asks for the default.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

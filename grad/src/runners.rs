@@ -8,7 +8,11 @@
 //! the work, so a client that disconnects cannot leave a runner half-done and
 //! the next operation on the same runner waits for the previous one.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -964,31 +968,48 @@ impl Runners {
                 e = events.recv() => e,
                 _ = self.shutdown.cancelled() => None,
             };
-            let Some(backend::Event::Exited {
+            let Some(event) = event else {
+                return;
+            };
+            if let Err(e) = self.backend_event(event).await {
+                tracing::error!(error = %e, "handling a backend event");
+            }
+        }
+    }
+
+    async fn backend_event(&self, event: backend::Event) -> Result<()> {
+        let (runner_id, pid, reason, fails) = match event {
+            backend::Event::Exited {
                 runner_id,
                 pid,
                 status,
-            }) = event
-            else {
-                return;
-            };
-            let runner = match self.store.runner_by_id(&runner_id).await {
-                Ok(Some(r)) => r,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading runner after process exit");
-                    continue;
-                }
-            };
-            if runner.pid != Some(pid) {
-                continue;
+            } => (
+                runner_id,
+                Some(pid),
+                format!("runner process exited ({status})"),
+                true,
+            ),
+            backend::Event::Gone { runner_id, reason } => (runner_id, None, reason, true),
+            backend::Event::Waiting { runner_id, reason } => (runner_id, None, reason, false),
+        };
+        let Some(runner) = self.store.runner_by_id(&runner_id).await? else {
+            return Ok(());
+        };
+        if pid.is_some() && runner.pid != pid {
+            return Ok(());
+        }
+        match runner.state {
+            State::Starting | State::Ready | State::Resuming if fails => {
+                self.fail(&runner_id, runner.state, reason).await
             }
-            if let State::Starting | State::Ready | State::Resuming = runner.state {
-                let reason = format!("runner process exited ({status})");
-                if let Err(e) = self.fail(&runner_id, runner.state, reason).await {
-                    tracing::error!(error = %e, "marking runner failed");
-                }
+            State::Pending | State::Starting | State::Resuming
+                if !fails && runner.reason != reason =>
+            {
+                self.store.set_runner_reason(&runner_id, &reason).await?;
+                self.bump();
+                Ok(())
             }
+            _ => Ok(()),
         }
     }
 
@@ -1067,8 +1088,12 @@ impl Runners {
                 State::Starting | State::Resuming => {
                     let since = runner.updated_at.max(self.started_at);
                     (now - since > start_ms).then(|| {
+                        let waiting = match runner.reason.as_str() {
+                            "" => String::new(),
+                            reason => format!(" ({reason})"),
+                        };
                         format!(
-                            "runner did not register within {}",
+                            "runner did not register within {}{waiting}",
                             humantime::format_duration(self.timing.start_timeout)
                         )
                     })
@@ -1083,6 +1108,47 @@ impl Runners {
                     }
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Every `every`, removes what the backend has for runners the store
+    /// does not know (a grad that died between making a pod and recording
+    /// a delete, someone's copy of a runner's objects).
+    pub async fn run_leftover_collection(self: Arc<Self>, every: Duration) {
+        tokio::select! {
+            _ = self.backend.ready() => {}
+            _ = self.shutdown.cancelled() => return,
+        }
+        loop {
+            if let Err(e) = self.collect_leftovers().await {
+                tracing::warn!(error = %e, "collecting what no runner owns");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn collect_leftovers(&self) -> Result<()> {
+        // The backend first, then the store: a runner is recorded before
+        // anything of it is made, so an id missing from the later read is
+        // one nobody owns.
+        let found = self.backend.leftovers().await?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        let known: HashSet<String> = self
+            .store
+            .list_runners(None)
+            .await?
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        for id in found.iter().filter(|id| !known.contains(*id)) {
+            tracing::warn!(runner_id = %id, backend = self.backend.name(), "removing objects no runner owns");
+            self.backend.remove_leftover(id).await?;
         }
         Ok(())
     }
@@ -1108,12 +1174,11 @@ impl Runners {
                 }
                 State::Starting | State::Ready if !self.backend.alive(&runner) => {
                     drop(guard);
-                    self.fail(
-                        &id,
-                        runner.state,
-                        "runner process was gone when grad started".into(),
-                    )
-                    .await?;
+                    let reason = match self.backend.why_gone(&runner) {
+                        Some(why) => format!("{why} (seen when grad started)"),
+                        None => "runner process was gone when grad started".into(),
+                    };
+                    self.fail(&id, runner.state, reason).await?;
                 }
                 _ => {}
             }

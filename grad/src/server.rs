@@ -25,9 +25,9 @@ use crate::{
     agents::Agents,
     api::Api,
     auth::{self, Keys},
-    backend::{self, Local},
+    backend::{self, Backend, Local},
     blobs::{BlobStore, DirStore, S3Store, s3},
-    config::{BlobStoreKind, Config},
+    config::{BackendKind, BlobStoreKind, Config},
     error::{Error, Result},
     jobs::{Jobs, Workers},
     outputs::Outputs,
@@ -43,6 +43,8 @@ pub const ADMIN_TOKEN_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 /// Rich outputs (figures, tables) can exceed tonic's 4 MiB default.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How long grad waits at start for the first list of runner pods.
+const KUBE_LIST_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Opens the data dir: creates it, the database, and the signing key.
 pub async fn open(data_dir: &Path, database_url: &str) -> Result<(Store, Keys)> {
@@ -160,20 +162,53 @@ pub async fn serve(
 
     let tracker = TaskTracker::new();
     let (events_tx, events_rx) = mpsc::channel(64);
-    let backend = Arc::new(Local::new(
-        backend::local::Settings {
-            data_dir: data_dir.clone(),
-            runner_bin: match &config.runner_bin {
-                Some(bin) => absolute(bin)?,
-                None => default_runner_bin(),
-            },
-            server_url: server_url.clone(),
-            python,
-        },
-        events_tx,
-        tracker.clone(),
-        shutdown.clone(),
-    ));
+    let (backend, kube): (Arc<dyn Backend>, Option<Arc<backend::Kubernetes>>) = match config
+        .kubernetes
+        .backend
+    {
+        BackendKind::Local => {
+            let local = Local::new(
+                backend::local::Settings {
+                    data_dir: data_dir.clone(),
+                    runner_bin: match &config.runner_bin {
+                        Some(bin) => absolute(bin)?,
+                        None => default_runner_bin(),
+                    },
+                    server_url: server_url.clone(),
+                    python,
+                },
+                events_tx,
+                tracker.clone(),
+                shutdown.clone(),
+            );
+            (Arc::new(local), None)
+        }
+        BackendKind::Kubernetes => {
+            let k = &config.kubernetes;
+            let client = kube::Client::try_default().await.map_err(|e| {
+                Error::Unavailable(format!(
+                    "--backend kubernetes: no Kubernetes API to talk to ({e}); \
+                         run grad in a pod or set KUBECONFIG"
+                ))
+            })?;
+            let settings = backend::kubernetes::Settings {
+                namespace: k.namespace.clone(),
+                image: k.runner_image.clone(),
+                image_pull_policy: k.image_pull_policy.clone(),
+                storage_class: (!k.storage_class.is_empty()).then(|| k.storage_class.clone()),
+                server_url: k.service_url.clone().unwrap_or_else(|| server_url.clone()),
+                ephemeral_storage: (!k.runner_ephemeral_storage.is_empty())
+                    .then(|| k.runner_ephemeral_storage.clone()),
+            };
+            tracing::info!(namespace = %settings.namespace, image = %settings.image, "runners are Kubernetes pods");
+            let kube = Arc::new(backend::Kubernetes::new(client, settings, events_tx));
+            (kube.clone(), Some(kube))
+        }
+    };
+    let start_timeout = config.start_timeout.unwrap_or(match kube {
+        Some(_) => Duration::from_secs(300),
+        None => Duration::from_secs(30),
+    });
     let agents = Arc::new(Agents::default());
     let sealer = match sealer {
         Some(sealer) => sealer,
@@ -188,7 +223,7 @@ pub async fn serve(
         Timing {
             heartbeat_interval: config.heartbeat_interval,
             heartbeat_timeout: config.heartbeat_timeout,
-            start_timeout: config.start_timeout,
+            start_timeout,
         },
         replicas.clone(),
         tracker.clone(),
@@ -202,7 +237,27 @@ pub async fn serve(
             .share(store.clone(), shutdown.clone()),
     );
     tracker.spawn(runners.clone().run_key_pushes());
+    if let Some(kube) = &kube {
+        let (watcher, stop) = (kube.clone(), shutdown.clone());
+        tracker.spawn(async move { watcher.watch(stop).await });
+        // What exists in the cluster must be known before the store is
+        // reconciled with it.
+        tokio::time::timeout(KUBE_LIST_DEADLINE, kube.ready())
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!(
+                    "the Kubernetes API did not list the runner pods within {}s \
+                     (see the warnings above)",
+                    KUBE_LIST_DEADLINE.as_secs()
+                ))
+            })?;
+    }
     runners.reconcile().await?;
+    tracker.spawn(
+        runners
+            .clone()
+            .run_leftover_collection(config.kubernetes.leftover_interval),
+    );
     tracker.spawn(runners.clone().run_backend_events(events_rx));
     tracker.spawn(runners.clone().run_monitor());
 

@@ -193,6 +193,14 @@ fn main() -> ExitCode {
             else {
                 return usage("--server, --runner-id, --name and --workspace are required".into());
             };
+            // A fresh volume (a pod's claim) starts empty: the layout is the
+            // runner's to make.
+            for sub in ["code", "outputs", "data"] {
+                let dir = workspace.join(sub);
+                if let Err(e) = std::fs::create_dir_all(&dir) {
+                    return usage(format!("--workspace: cannot create {}: {e}", dir.display()));
+                }
+            }
             let config = agent::Config {
                 server,
                 runner_id,

@@ -6,10 +6,12 @@
 //! `make test` builds them first.
 
 use std::{
+    collections::{HashMap, HashSet},
     io::{BufRead, BufReader},
+    os::unix::process::ExitStatusExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::mpsc,
+    sync::{Mutex, mpsc},
     time::{Duration, Instant},
 };
 
@@ -1072,5 +1074,449 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A Kubernetes API server double on a free loopback port: kmock's
+/// Kubernetes emulator (PyPI `kmock`, by the author of Kopf) run by
+/// `tests/kmock/kmock_server.py`, which records every request it gets.
+/// `None` (with the reason printed) when kmock is not installed, unless
+/// CI=true.
+pub struct Kmock {
+    child: Child,
+    pub url: String,
+    /// A kubeconfig pointing at it (for grad's `KUBECONFIG`).
+    pub kubeconfig: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The Python with kmock: $GRAD_TEST_KMOCK_PYTHON, else python3.
+fn kmock_python() -> String {
+    std::env::var("GRAD_TEST_KMOCK_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+impl Kmock {
+    pub fn start() -> Option<Kmock> {
+        let present = Command::new(kmock_python())
+            .args(["-c", "import kmock"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !require(
+            "kmock (python3 -m pip install -r tests/kmock/requirements.txt)",
+            present,
+        ) {
+            return None;
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kmock/kmock_server.py");
+        let mut child = Command::new(kmock_python())
+            .arg(&script)
+            .arg("0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn kmock_server.py");
+        let stdout = child.stdout.take().expect("kmock stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("kmock's port line");
+        let port: u16 = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("kmock_server.py said {line:?}, not PORT <n>"));
+        let url = format!("http://127.0.0.1:{port}");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: kmock\n  cluster:\n    server: {url}\n\
+                 users:\n- name: grad\n  user:\n    token: test-token\n\
+                 contexts:\n- name: kmock\n  context:\n    cluster: kmock\n    user: grad\n    namespace: default\n\
+                 current-context: kmock\n"
+            ),
+        )
+        .expect("write kubeconfig");
+        Some(Kmock {
+            child,
+            url,
+            kubeconfig,
+            _dir: dir,
+        })
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> serde_json::Value {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-X", method, &format!("{}{path}", self.url)]);
+        if let Some(body) = body {
+            cmd.args([
+                "-H",
+                "content-type: application/merge-patch+json",
+                "--data-binary",
+                &body.to_string(),
+            ]);
+        }
+        let out = cmd.output().expect("curl");
+        assert!(
+            out.status.success(),
+            "curl {method} {path}: {}",
+            out.stderr_str()
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// GET of an API path (`/api/v1/namespaces/ns/pods`).
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        self.call("GET", path, None)
+    }
+
+    pub fn delete(&self, path: &str) -> serde_json::Value {
+        self.call("DELETE", path, None)
+    }
+
+    pub fn post(&self, path: &str, object: &serde_json::Value) -> serde_json::Value {
+        let out = Command::new("curl")
+            .args(["-sS", "-X", "POST", &format!("{}{path}", self.url)])
+            .args(["-H", "content-type: application/json", "--data-binary"])
+            .arg(object.to_string())
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl POST {path}: {}",
+            out.stderr_str()
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Merges `status` into a Pod's status, as the kubelet would report it.
+    pub fn set_pod_status(&self, namespace: &str, pod: &str, status: serde_json::Value) {
+        self.call(
+            "PATCH",
+            &format!("/api/v1/namespaces/{namespace}/pods/{pod}/status"),
+            Some(&serde_json::json!({ "status": status })),
+        );
+    }
+
+    /// Every request kmock got, in order, but the tests' own (status
+    /// patches and reads through this struct come with curl's user agent).
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        let all = self.get("/_kmock/requests");
+        all.as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| {
+                !r["headers"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .any(|(k, v)| {
+                        k.eq_ignore_ascii_case("user-agent")
+                            && v.as_str().is_some_and(|v| v.starts_with("curl/"))
+                    })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Kmock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A kubelet double for the Pods grad makes in kmock: it runs a Pod's one
+/// container as a local `grad-runner` process — its args and env, its
+/// volumes mapped to directories (a claim's `subPath`s under one directory
+/// per claim, so a new Pod on the same claim finds the files; a Secret's
+/// keys as files) — reports it Running, reports its exit as the kubelet
+/// would (phase Failed/Succeeded with the container's exit code), and kills
+/// it when its Pod is deleted. With `auto` it runs every Pod that appears;
+/// otherwise only those named with [`Kubelet::run`].
+pub struct Kubelet {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    wanted: std::sync::Arc<Mutex<HashSet<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub root: tempfile::TempDir,
+}
+
+struct RunningPod {
+    uid: String,
+    child: Child,
+}
+
+impl Kubelet {
+    pub fn start(kmock: &Kmock, namespace: &str, auto: bool) -> Kubelet {
+        let root = tempfile::tempdir().expect("temp dir");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let wanted = std::sync::Arc::new(Mutex::new(HashSet::new()));
+        let api = KubeletApi {
+            url: kmock.url.clone(),
+            namespace: namespace.to_owned(),
+            root: root.path().to_owned(),
+        };
+        let (stop2, wanted2) = (stop.clone(), wanted.clone());
+        let thread = std::thread::spawn(move || {
+            let mut running: HashMap<String, RunningPod> = HashMap::new();
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                api.sync(&mut running, auto, &wanted2);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            for (_, mut pod) in running {
+                let _ = pod.child.kill();
+                let _ = pod.child.wait();
+            }
+        });
+        Kubelet {
+            stop,
+            wanted,
+            thread: Some(thread),
+            root,
+        }
+    }
+
+    /// Runs the Pod `name` once it exists.
+    pub fn run(&self, name: &str) {
+        self.wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned());
+    }
+
+    /// The directory that stands for a claim's volume.
+    pub fn claim_dir(&self, claim: &str) -> PathBuf {
+        self.root.path().join("claims").join(claim)
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct KubeletApi {
+    url: String,
+    namespace: String,
+    root: PathBuf,
+}
+
+impl KubeletApi {
+    fn curl(&self, args: &[&str]) -> Option<serde_json::Value> {
+        let out = Command::new("curl").arg("-sS").args(args).output().ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn pods_path(&self) -> String {
+        format!("{}/api/v1/namespaces/{}/pods", self.url, self.namespace)
+    }
+
+    fn status(&self, pod: &str, status: serde_json::Value) {
+        let _ = self.curl(&[
+            "-X",
+            "PATCH",
+            "-H",
+            "content-type: application/merge-patch+json",
+            &format!("{}/{pod}/status", self.pods_path()),
+            "--data-binary",
+            &serde_json::json!({ "status": status }).to_string(),
+        ]);
+    }
+
+    fn sync(
+        &self,
+        running: &mut HashMap<String, RunningPod>,
+        auto: bool,
+        wanted: &Mutex<HashSet<String>>,
+    ) {
+        let Some(list) = self.curl(&[&self.pods_path()]) else {
+            return;
+        };
+        let pods: HashMap<String, serde_json::Value> = list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| Some((p["metadata"]["name"].as_str()?.to_owned(), p.clone())))
+            .collect();
+        // Deleted (or replaced) Pods: their process goes.
+        running.retain(|name, pod| {
+            let same = pods
+                .get(name)
+                .is_some_and(|p| p["metadata"]["uid"].as_str() == Some(pod.uid.as_str()));
+            if !same {
+                let _ = pod.child.kill();
+                let _ = pod.child.wait();
+            }
+            same
+        });
+        // Exits, reported as the kubelet would.
+        for (name, pod) in running.iter_mut() {
+            if let Ok(Some(status)) = pod.child.try_wait() {
+                let code = status.code().unwrap_or(128 + status.signal().unwrap_or(9));
+                let phase = if code == 0 { "Succeeded" } else { "Failed" };
+                self.status(
+                    name,
+                    serde_json::json!({
+                        "phase": phase,
+                        "containerStatuses": [{
+                            "name": "runner", "ready": false, "restartCount": 0,
+                            "image": "", "imageID": "",
+                            "state": { "terminated": { "exitCode": code, "reason": "Error" } }
+                        }]
+                    }),
+                );
+                pod.uid.clear();
+            }
+        }
+        running
+            .retain(|_, pod| !pod.uid.is_empty() || pod.child.try_wait().ok().flatten().is_none());
+        for (name, pod) in &pods {
+            let phase = pod["status"]["phase"].as_str().unwrap_or("Pending");
+            let asked = auto
+                || wanted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(name);
+            if running.contains_key(name) || !asked || phase != "Pending" {
+                continue;
+            }
+            if pod["metadata"]["deletionTimestamp"].is_string() {
+                continue;
+            }
+            match self.spawn(pod) {
+                Ok(child) => {
+                    running.insert(
+                        name.clone(),
+                        RunningPod {
+                            uid: pod["metadata"]["uid"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_owned(),
+                            child,
+                        },
+                    );
+                    self.status(
+                        name,
+                        serde_json::json!({
+                            "phase": "Running",
+                            "containerStatuses": [{
+                                "name": "runner", "ready": true, "restartCount": 0,
+                                "image": "", "imageID": "",
+                                "state": { "running": {} }
+                            }]
+                        }),
+                    );
+                }
+                Err(e) => eprintln!("[kubelet] cannot run pod {name}: {e}"),
+            }
+        }
+    }
+
+    /// The host directory for each of the container's mount paths.
+    fn volumes(&self, pod: &serde_json::Value) -> Result<Vec<(String, PathBuf)>, String> {
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+        let volumes = pod["spec"]["volumes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let container = &pod["spec"]["containers"][0];
+        let mut mapped = Vec::new();
+        for mount in container["volumeMounts"].as_array().into_iter().flatten() {
+            let path = mount["mountPath"].as_str().unwrap_or_default().to_owned();
+            let volume = volumes
+                .iter()
+                .find(|v| v["name"] == mount["name"])
+                .ok_or_else(|| format!("mount {path}: no volume {}", mount["name"]))?;
+            let host = if let Some(claim) = volume["persistentVolumeClaim"]["claimName"].as_str() {
+                let mut dir = self.root.join("claims").join(claim);
+                if let Some(sub) = mount["subPath"].as_str() {
+                    dir = dir.join(sub);
+                }
+                dir
+            } else if let Some(secret) = volume["secret"]["secretName"].as_str() {
+                let dir = self.root.join("secrets").join(name).join(secret);
+                std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                let object = self
+                    .curl(&[&format!(
+                        "{}/api/v1/namespaces/{}/secrets/{secret}",
+                        self.url, self.namespace
+                    )])
+                    .ok_or("reading the secret")?;
+                for (key, value) in object["stringData"].as_object().into_iter().flatten() {
+                    std::fs::write(dir.join(key), value.as_str().unwrap_or_default())
+                        .map_err(|e| e.to_string())?;
+                }
+                dir
+            } else if volume["emptyDir"].is_object() {
+                self.root
+                    .join("empty")
+                    .join(name)
+                    .join(path.replace('/', "_"))
+            } else {
+                // /dev/fuse and the like: the host's own.
+                PathBuf::from(&path)
+            };
+            std::fs::create_dir_all(&host).ok();
+            mapped.push((path, host));
+        }
+        // Longest mount paths first, so /workspace/x maps before /workspace.
+        mapped.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+        Ok(mapped)
+    }
+
+    fn spawn(&self, pod: &serde_json::Value) -> Result<Child, String> {
+        let volumes = self.volumes(pod)?;
+        let map = |value: &str| -> String {
+            for (path, host) in &volumes {
+                if value == path {
+                    return host.display().to_string();
+                }
+                if let Some(rest) = value.strip_prefix(&format!("{path}/")) {
+                    return host.join(rest).display().to_string();
+                }
+            }
+            value.to_owned()
+        };
+        let container = &pod["spec"]["containers"][0];
+        let args: Vec<String> = container["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .map(map)
+            .collect();
+        let mut cmd = Command::new(bin("grad-runner"));
+        cmd.args(&args)
+            // The image's own environment (runner-image/Dockerfile).
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", std::env::var("HOME").unwrap_or_default())
+            .env("GRAD_PYTHON", python())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for var in container["env"].as_array().into_iter().flatten() {
+            if let (Some(name), Some(value)) = (var["name"].as_str(), var["value"].as_str()) {
+                cmd.env(name, map(value));
+            }
+        }
+        if let Some(dir) = container["workingDir"].as_str() {
+            cmd.current_dir(map(dir));
+        }
+        cmd.spawn().map_err(|e| e.to_string())
     }
 }

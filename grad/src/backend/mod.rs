@@ -2,12 +2,14 @@
 //! lifecycle (states, tokens, reconciliation) is the caller's
 //! ([`crate::runners`]); a backend only starts, stops and removes.
 
+pub mod kubernetes;
 pub mod local;
 
 use std::{future::Future, path::PathBuf, pin::Pin};
 
 use crate::store;
 
+pub use kubernetes::Kubernetes;
 pub use local::Local;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -28,6 +30,9 @@ pub enum Error {
     },
     #[error("runner process {pid} did not stop within {seconds}s")]
     StopTimeout { pid: u32, seconds: u64 },
+    /// The Kubernetes API refused or failed; `message` is its own words.
+    #[error("{context}: {message}")]
+    Kube { context: String, message: String },
 }
 
 /// What a backend needs to start one runner.
@@ -50,6 +55,12 @@ pub enum Event {
         pid: u32,
         status: String,
     },
+    /// The runner's current pod (or whatever stands for it) ended, cannot
+    /// start, or vanished: the runner fails with `reason`.
+    Gone { runner_id: String, reason: String },
+    /// The runner is still on its way up; `reason` says what it waits for
+    /// (the scheduler's or the kubelet's words).
+    Waiting { runner_id: String, reason: String },
 }
 
 pub trait Backend: Send + Sync + 'static {
@@ -64,4 +75,26 @@ pub trait Backend: Send + Sync + 'static {
     fn remove<'a>(&'a self, runner: &'a store::Runner) -> BoxFuture<'a, Result<(), Error>>;
     /// Whether the runner's process still exists (best effort).
     fn alive(&self, runner: &store::Runner) -> bool;
+    /// Why a runner that is not `alive` is gone, where the backend knows
+    /// more than that.
+    fn why_gone(&self, runner: &store::Runner) -> Option<String> {
+        let _ = runner;
+        None
+    }
+    /// Resolves once `alive` can be believed (a watch has listed what
+    /// exists); at once for backends that know at any time.
+    fn ready(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+    /// Ids of the runners that have something in the backend (so that what
+    /// no runner in the store owns can be removed); none tracked by default.
+    fn leftovers(&self) -> BoxFuture<'_, Result<Vec<String>, Error>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// Removes everything the backend has for `runner_id`, a runner the
+    /// store no longer knows.
+    fn remove_leftover<'a>(&'a self, runner_id: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        let _ = runner_id;
+        Box::pin(async { Ok(()) })
+    }
 }

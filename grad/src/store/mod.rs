@@ -421,6 +421,17 @@ impl Store {
         Ok(())
     }
 
+    /// Says what a starting runner waits for, leaving its state and the
+    /// time it entered it (which the start timeout counts from) alone.
+    pub async fn set_runner_reason(&self, id: &str, reason: &str) -> Result<()> {
+        sqlx::query("UPDATE runners SET reason = $1 WHERE id = $2")
+            .bind(reason)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Moves the runner from state `from` to `to`; answers false (changing
     /// nothing) when it was no longer in `from`: another replica moved it.
     pub async fn set_runner_state_from(&self, id: &str, from: State, to: State) -> Result<bool> {

@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -24,9 +24,36 @@ pub struct Agent {
     last_seen: AtomicI64,
     pending: Mutex<HashMap<String, mpsc::Sender<ExecEvent>>>,
     collections: Mutex<HashMap<String, oneshot::Sender<OutputsCollected>>>,
+    /// Executions and tunnels in progress, and when the last one began or
+    /// ended: what makes a runner idle or not.
+    busy: AtomicUsize,
+    active_at: AtomicI64,
+}
+
+/// A user's use of a runner (an execution, a tunnel) while it lasts.
+pub struct Activity(Arc<Agent>);
+
+impl Drop for Activity {
+    fn drop(&mut self) {
+        self.0.active_at.store(now_ms(), Ordering::Relaxed);
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Agent {
+    /// Marks the runner in use until the answer is dropped.
+    pub fn activity(self: &Arc<Self>) -> Activity {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        self.active_at.store(now_ms(), Ordering::Relaxed);
+        Activity(self.clone())
+    }
+
+    /// Since when nothing has used the runner through this connection;
+    /// `None` while something does.
+    pub fn idle_since(&self) -> Option<i64> {
+        (self.busy.load(Ordering::Relaxed) == 0).then(|| self.active_at.load(Ordering::Relaxed))
+    }
+
     pub fn touch(&self) {
         self.last_seen.store(now_ms(), Ordering::Relaxed);
     }
@@ -96,6 +123,8 @@ impl Agents {
             last_seen: AtomicI64::new(now_ms()),
             pending: Mutex::new(HashMap::new()),
             collections: Mutex::new(HashMap::new()),
+            busy: AtomicUsize::new(0),
+            active_at: AtomicI64::new(now_ms()),
         });
         let old = lock(&self.connected).insert(runner_id.to_string(), agent.clone());
         lock(&self.disconnected_at).remove(runner_id);

@@ -82,6 +82,10 @@ pub struct Config {
     /// image pulls and scheduling come first).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub start_timeout: Option<Duration>,
+    /// A ready runner nobody has used for this long (no execution, no
+    /// tunnel, no job) is paused, its outputs collected first; 0: never.
+    #[arg(long, env = "GRAD_IDLE_PAUSE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub idle_pause: Duration,
     /// A job attempt whose worker does not renew its lease for this long is
     /// lost (queued again, or failed once its retries are used up).
     #[arg(long, env = "GRAD_JOB_LEASE", default_value = "15s", value_parser = humantime::parse_duration)]

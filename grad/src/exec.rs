@@ -131,11 +131,13 @@ pub async fn execute(
         started_at: now_ms(),
     };
     let store = runners.store().clone();
+    let activity = agent.activity();
     let commands = agent.commands.clone();
     let closed = agent.closed.clone();
     // Relays until the runner says finished or its agent goes away (which
     // grad's shutdown forces), so the tracker can join it.
     runners.tracker().spawn(async move {
+        let _activity = activity;
         let mut cancelled = false;
         let finished = loop {
             let event = tokio::select! {

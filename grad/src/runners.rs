@@ -40,6 +40,9 @@ pub struct Timing {
     pub heartbeat_timeout: Duration,
     /// A starting runner that has not registered within this long fails.
     pub start_timeout: Duration,
+    /// A ready runner nobody has used (no execution, no tunnel, no job) for
+    /// this long is paused; `None`: never.
+    pub idle_pause: Option<Duration>,
 }
 
 impl Default for Timing {
@@ -48,6 +51,7 @@ impl Default for Timing {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
             start_timeout: Duration::from_secs(30),
+            idle_pause: None,
         }
     }
 }
@@ -98,6 +102,9 @@ pub struct Runners {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     started_at: i64,
+    /// Runner id -> when an idle pause was last tried (a refused one, its
+    /// outputs failing to collect, is tried again an idle period later).
+    idle_tries: std::sync::Mutex<HashMap<String, i64>>,
 }
 
 /// Checks a runner name: a DNS label, so it is also a valid pod name part.
@@ -178,6 +185,7 @@ impl Runners {
             tracker,
             shutdown,
             started_at: now_ms(),
+            idle_tries: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -1028,6 +1036,60 @@ impl Runners {
         }
     }
 
+    /// Pauses the ready runners whose agent is here and that nobody has
+    /// used for `idle_pause`: no execution or tunnel in progress or since,
+    /// and no job running on them. Their outputs are collected first, as
+    /// for any pause.
+    async fn pause_idle(self: &Arc<Self>, runners: &[store::Runner]) -> Result<()> {
+        let Some(idle) = self.timing.idle_pause else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let idle_ms = idle.as_millis() as i64;
+        for runner in runners.iter().filter(|r| r.state == State::Ready) {
+            let Some(since) = self.agents.get(&runner.id).and_then(|a| a.idle_since()) else {
+                continue;
+            };
+            let tried = lock(&self.idle_tries).get(&runner.id).copied();
+            let since = since.max(runner.updated_at).max(tried.unwrap_or(0));
+            if now - since < idle_ms || self.store.running_jobs_on(&runner.id).await? > 0 {
+                continue;
+            }
+            lock(&self.idle_tries).insert(runner.id.clone(), now);
+            let owner = UserCaller {
+                id: runner.owner_id.clone(),
+                name: runner.owner_name.clone(),
+                role: store::Role::User,
+                plan: Plan::Free,
+            };
+            let reason = format!(
+                "paused after {} without use",
+                humantime::format_duration(idle)
+            );
+            tracing::info!(runner = %runner.name, owner = %runner.owner_name, %reason, "pausing an idle runner");
+            let decide =
+                |r: &store::Runner| Ok((r.state == State::Ready).then_some(State::Pausing));
+            let paused = self
+                .transition(
+                    &owner,
+                    &runner.name,
+                    decide,
+                    Some("pause"),
+                    move |this, id| async move {
+                        this.stop(&id).await?;
+                        this.store.set_runner_reason(&id, &reason).await?;
+                        this.bump();
+                        Ok(())
+                    },
+                )
+                .await;
+            if let Err(e) = paused {
+                tracing::warn!(runner = %runner.name, error = %e, "an idle runner could not be paused");
+            }
+        }
+        Ok(())
+    }
+
     async fn check_liveness(self: &Arc<Self>) -> Result<()> {
         let now = now_ms();
         let heartbeat_ms = self.timing.heartbeat_timeout.as_millis() as i64;
@@ -1039,7 +1101,9 @@ impl Runners {
             .into_iter()
             .map(|r| (r.runner_id.clone(), r))
             .collect();
-        for runner in self.store.list_runners(None).await? {
+        let runners = self.store.list_runners(None).await?;
+        self.pause_idle(&runners).await?;
+        for runner in runners {
             let reason = match runner.state {
                 State::Ready => match self.agents.get(&runner.id) {
                     Some(agent) if now - agent.last_seen_ms() > heartbeat_ms => Some(format!(

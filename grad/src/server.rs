@@ -224,6 +224,7 @@ pub async fn serve(
             heartbeat_interval: config.heartbeat_interval,
             heartbeat_timeout: config.heartbeat_timeout,
             start_timeout,
+            idle_pause: (!config.idle_pause.is_zero()).then_some(config.idle_pause),
         },
         replicas.clone(),
         tracker.clone(),

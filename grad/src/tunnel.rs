@@ -24,6 +24,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Status, Streaming};
 
 use crate::{
+    agents::Activity,
     auth::UserCaller,
     error::{Error, Result},
     lock,
@@ -102,6 +103,7 @@ impl Tunnels {
             }
         };
         let tunnel_id = uuid::Uuid::new_v4().to_string();
+        let activity = Arc::new(agent.activity());
         let (runner_end, dialed) = oneshot::channel();
         let closed = CancellationToken::new();
         let shutdown = runners.shutdown_token();
@@ -109,7 +111,7 @@ impl Tunnels {
             tunnel_id.clone(),
             Pending {
                 runner_id: runner.id.clone(),
-                to_runner: Splice::new(client, first.data, &closed, &shutdown),
+                to_runner: Splice::new(client, first.data, &closed, &shutdown).in_use(&activity),
                 runner_end,
             },
         );
@@ -139,7 +141,7 @@ impl Tunnels {
             )));
         };
         tracing::info!(runner = %runner.name, owner = %runner.owner_name, tunnel = %tunnel_id, "tunnel open");
-        Ok(Splice::new(runner_frames, Bytes::new(), &closed, &shutdown))
+        Ok(Splice::new(runner_frames, Bytes::new(), &closed, &shutdown).in_use(&activity))
     }
 
     /// The runner's side: the dial-back for a tunnel grad asked it to open.
@@ -230,6 +232,8 @@ pub struct Splice {
     closed: CancellationToken,
     on_closed: Pin<Box<WaitForCancellationFutureOwned>>,
     on_shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The runner is in use while either direction of its tunnel is.
+    _activity: Option<Arc<Activity>>,
 }
 
 impl Splice {
@@ -245,7 +249,13 @@ impl Splice {
             closed: closed.clone(),
             on_closed: Box::pin(closed.clone().cancelled_owned()),
             on_shutdown: Box::pin(shutdown.clone().cancelled_owned()),
+            _activity: None,
         }
+    }
+
+    fn in_use(mut self, activity: &Arc<Activity>) -> Splice {
+        self._activity = Some(activity.clone());
+        self
     }
 }
 

@@ -260,3 +260,69 @@ async fn bad_runner_requests_are_refused_with_clear_messages() {
     assert_eq!(err.status().unwrap().code(), tonic::Code::NotFound);
     assert!(err.to_string().contains("runner 'nope' not found"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_nobody_uses_is_paused_and_use_keeps_it_up() {
+    let grad = Grad::start_with(&["--idle-pause", "2s"]);
+    let admin = grad.admin().await;
+    admin.create_runner("r1", res(), Vec::new()).await.unwrap();
+    admin.wait_runner("r1", READY, WAIT).await.unwrap();
+    let state = |admin: &gractl::client::Client| {
+        let admin = admin.clone();
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async move {
+                let r = admin.get_runner("r1").await.unwrap();
+                (r.state(), r.reason)
+            })
+        })
+    };
+
+    // Each use lasts longer than the idle time; none leaves a gap as long.
+    let out = grad.run(&[
+        "execute-code",
+        "-r",
+        "r1",
+        "--code",
+        "open('../outputs/result.txt','w').write('42'); import time; time.sleep(3)",
+    ]);
+    assert_eq!(out.code(), 0, "{}", out.stderr_str());
+    assert_eq!(
+        state(&admin).0,
+        RunnerState::Ready,
+        "paused during an execution"
+    );
+    let out = grad.run(&["ssh", "r1", "--", "sleep 3"]);
+    assert_eq!(out.code(), 0, "{}", out.stderr_str());
+    assert_eq!(
+        state(&admin).0,
+        RunnerState::Ready,
+        "paused during an SSH session"
+    );
+    let job = tempfile::tempdir().unwrap();
+    std::fs::write(
+        job.path().join("job.yaml"),
+        "name: busy\ncommand: sleep 3\nrunner: r1\n",
+    )
+    .unwrap();
+    let out = grad.run(&["job", "submit", job.path().to_str().unwrap(), "--wait"]);
+    assert_eq!(out.code(), 0, "{}", out.stderr_str());
+    assert_eq!(state(&admin).0, RunnerState::Ready, "paused during a job");
+
+    // Then nobody: paused within a few seconds, its outputs collected.
+    let paused = admin
+        .wait_runner("r1", &[RunnerState::Paused], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(paused.state(), RunnerState::Paused);
+    assert_eq!(paused.reason, "paused after 2s without use");
+    let out = grad.run(&["outputs", "list", "r1"]);
+    assert_eq!(out.code(), 0, "{}", out.stderr_str());
+    assert!(
+        out.stdout_str().contains("result.txt"),
+        "{}",
+        out.stdout_str()
+    );
+    // Resumed, it is a runner like any other.
+    let out = grad.run(&["runner", "resume", "r1", "--wait"]);
+    assert_eq!(out.code(), 0, "{}", out.stderr_str());
+}

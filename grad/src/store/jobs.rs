@@ -159,6 +159,16 @@ fn worker_from_row(row: &AnyRow) -> Result<Worker> {
 }
 
 impl Store {
+    /// How many jobs are running on the worker (or runner) `worker_id`.
+    pub async fn running_jobs_on(&self, worker_id: &str) -> Result<i64> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM jobs WHERE state = 'running' AND worker_id = $1",
+        )
+        .bind(worker_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("n")?)
+    }
     // Jobs.
 
     pub async fn insert_job(&self, job: &Job) -> Result<()> {

@@ -275,6 +275,17 @@ impl Grad {
 
     /// Starts grad on the database at `database_url` (None: its SQLite).
     pub fn start_on(database_url: Option<String>, args: &[&str], env: &[(&str, &str)]) -> Grad {
+        Grad::start_listening("127.0.0.1:0", database_url, args, env)
+    }
+
+    /// Starts grad listening on `listen` (where something outside this
+    /// machine must reach it).
+    pub fn start_listening(
+        listen: &str,
+        database_url: Option<String>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Grad {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data_dir = tmp.path().join("grad");
         let mut grad = Grad {
@@ -291,7 +302,7 @@ impl Grad {
             replica: false,
             _tmp: Some(tmp),
         };
-        grad.spawn("127.0.0.1:0");
+        grad.spawn(listen);
         grad.admin_token = std::fs::read_to_string(grad.data_dir.join("admin.token"))
             .expect("admin.token written at first start")
             .trim()

@@ -605,7 +605,7 @@ impl Runners {
         };
         let collect = (!skip_outputs).then_some("pause");
         self.transition(caller, name, decide, collect, |this, id| async move {
-            this.stop(&id).await
+            this.stop(&id, "").await
         })
         .await
     }
@@ -871,15 +871,18 @@ impl Runners {
         Ok(())
     }
 
-    /// Stops the runner's processes, keeping its files. Caller holds the lock.
-    async fn stop(&self, id: &str) -> Result<()> {
+    /// Stops the runner's processes, keeping its files; `reason` says why
+    /// it paused ("" when asked to). Caller holds the lock.
+    async fn stop(&self, id: &str, reason: &str) -> Result<()> {
         let Some(runner) = self.store.runner_by_id(id).await? else {
             return Ok(());
         };
         self.close_agent(id).await?;
         self.backend.stop(&runner).await?;
         self.store.set_runner_pid(id, None).await?;
-        self.store.set_runner_state(id, State::Paused, "").await?;
+        self.store
+            .set_runner_state(id, State::Paused, reason)
+            .await?;
         tracing::info!(runner = %runner.name, "runner paused");
         self.bump();
         Ok(())
@@ -1075,12 +1078,7 @@ impl Runners {
                     &runner.name,
                     decide,
                     Some("pause"),
-                    move |this, id| async move {
-                        this.stop(&id).await?;
-                        this.store.set_runner_reason(&id, &reason).await?;
-                        this.bump();
-                        Ok(())
-                    },
+                    move |this, id| async move { this.stop(&id, &reason).await },
                 )
                 .await;
             if let Err(e) = paused {
@@ -1231,7 +1229,7 @@ impl Runners {
                     self.spawn_with(guard, id, |t, id| async move { t.start(&id).await })
                 }
                 State::Pausing => {
-                    self.spawn_with(guard, id, |t, id| async move { t.stop(&id).await })
+                    self.spawn_with(guard, id, |t, id| async move { t.stop(&id, "").await })
                 }
                 State::Deleting => {
                     self.spawn_with(guard, id, |t, id| async move { t.remove(&id).await })

@@ -139,6 +139,14 @@ pub struct KubernetesArgs {
     /// front of every replica (default: --advertise-url).
     #[arg(long, env = "GRAD_SERVICE_URL")]
     pub service_url: Option<String>,
+    /// With --backend kubernetes: run queued jobs as their own pods (jobs
+    /// that name no runner and ask for no worker labels).
+    #[arg(long, env = "GRAD_JOB_PODS")]
+    pub job_pods: bool,
+    /// How long a queued job waits for a standing worker before it gets
+    /// its own pod.
+    #[arg(long, env = "GRAD_JOB_POD_DELAY", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub job_pod_delay: Duration,
     /// How often grad looks for pods, claims and secrets no runner owns.
     #[arg(long, env = "GRAD_LEFTOVER_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub leftover_interval: Duration,
@@ -228,6 +236,9 @@ impl Config {
             return Err(format!(
                 "--advertise-url '{url}': expected a URL like http://10.0.0.5:7070"
             ));
+        }
+        if self.kubernetes.job_pods && self.kubernetes.backend != BackendKind::Kubernetes {
+            return Err("--job-pods needs --backend kubernetes".into());
         }
         if let Some(url) = &self.kubernetes.service_url
             && !(url.starts_with("http://") || url.starts_with("https://"))

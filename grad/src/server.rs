@@ -253,6 +253,16 @@ pub async fn serve(
                 ))
             })?;
     }
+    if let Some(kube) = kube.clone().filter(|_| config.kubernetes.job_pods) {
+        let pods = backend::job_pods::JobPods::new(
+            kube,
+            store.clone(),
+            keys.clone(),
+            replicas.bus().clone(),
+            config.kubernetes.job_pod_delay,
+        );
+        tracker.spawn(pods.run(shutdown.clone()));
+    }
     runners.reconcile().await?;
     tracker.spawn(
         runners

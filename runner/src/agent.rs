@@ -122,6 +122,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             gpus: visible_gpus(),
             max_jobs: 1,
             docker: true,
+            only_job: None,
         },
         jobs_stop.clone(),
     ));

@@ -83,6 +83,10 @@ struct AgentArgs {
     /// (DOCKER_HOST, else /var/run/docker.sock)
     #[arg(long)]
     no_docker: bool,
+    /// Run only this job, as a process in the image this agent runs in (a
+    /// job's own pod, which grad makes), then exit
+    #[arg(long, value_name = "JOB_ID")]
+    job: Option<String>,
 }
 
 /// The token from `file`, else from the environment variable `var`.
@@ -177,7 +181,8 @@ fn main() -> ExitCode {
                 work_dir,
                 gpus: args.gpus.unwrap_or_else(jobs::detect_gpus),
                 max_jobs: args.max_jobs,
-                docker: !args.no_docker,
+                docker: !args.no_docker && args.job.is_none(),
+                only_job: args.job,
             };
             run(|shutdown| jobs::serve(config, shutdown))
         }

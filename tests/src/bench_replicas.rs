@@ -116,6 +116,7 @@ async fn claim_all(url: String, token: String) -> anyhow::Result<Vec<Duration>> 
             .claim_job(authed(ClaimJobRequest {
                 capabilities: Some(WorkerCapabilities::default()),
                 wait_ms: 100,
+                ..Default::default()
             }))
             .await?
             .into_inner();

@@ -1437,13 +1437,16 @@ impl KubeletApi {
     }
 
     /// The host directory for each of the container's mount paths.
-    fn volumes(&self, pod: &serde_json::Value) -> Result<Vec<(String, PathBuf)>, String> {
+    fn volumes(
+        &self,
+        pod: &serde_json::Value,
+        container: &serde_json::Value,
+    ) -> Result<Vec<(String, PathBuf)>, String> {
         let name = pod["metadata"]["name"].as_str().unwrap_or_default();
         let volumes = pod["spec"]["volumes"]
             .as_array()
             .cloned()
             .unwrap_or_default();
-        let container = &pod["spec"]["containers"][0];
         let mut mapped = Vec::new();
         for mount in container["volumeMounts"].as_array().into_iter().flatten() {
             let path = mount["mountPath"].as_str().unwrap_or_default().to_owned();
@@ -1475,7 +1478,7 @@ impl KubeletApi {
                 self.root
                     .join("empty")
                     .join(name)
-                    .join(path.replace('/', "_"))
+                    .join(volume["name"].as_str().unwrap_or_default())
             } else {
                 // /dev/fuse and the like: the host's own.
                 PathBuf::from(&path)
@@ -1483,34 +1486,53 @@ impl KubeletApi {
             std::fs::create_dir_all(&host).ok();
             mapped.push((path, host));
         }
-        // Longest mount paths first, so /workspace/x maps before /workspace.
-        mapped.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
         Ok(mapped)
     }
 
-    fn spawn(&self, pod: &serde_json::Value) -> Result<Child, String> {
-        let volumes = self.volumes(pod)?;
-        let map = |value: &str| -> String {
+    /// A container's command line with its paths mapped to the host: its
+    /// volumes, and the runner image's grad-runner.
+    fn command(
+        &self,
+        pod: &serde_json::Value,
+        container: &serde_json::Value,
+    ) -> Result<Command, String> {
+        let mut volumes = self.volumes(pod, container)?;
+        volumes.push(("/usr/local/bin/grad-runner".into(), bin("grad-runner")));
+        // Longest first, so /workspace/x maps before /workspace.
+        volumes.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+        // Word by word (a `sh -c` line too): a word that is a mount path or
+        // below one.
+        let map_word = |word: &str| -> String {
             for (path, host) in &volumes {
-                if value == path {
+                if word == path {
                     return host.display().to_string();
                 }
-                if let Some(rest) = value.strip_prefix(&format!("{path}/")) {
+                if let Some(rest) = word.strip_prefix(&format!("{path}/")) {
                     return host.join(rest).display().to_string();
                 }
             }
-            value.to_owned()
+            word.to_owned()
         };
-        let container = &pod["spec"]["containers"][0];
-        let args: Vec<String> = container["args"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a.as_str())
-            .map(map)
-            .collect();
-        let mut cmd = Command::new(bin("grad-runner"));
-        cmd.args(&args)
+        let map = |value: &str| -> String {
+            value.split(' ').map(map_word).collect::<Vec<_>>().join(" ")
+        };
+        let strings = |key: &str| -> Vec<String> {
+            container[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str())
+                .map(map)
+                .collect()
+        };
+        let mut line = strings("command");
+        if line.is_empty() {
+            // The image's entrypoint.
+            line.push(bin("grad-runner").display().to_string());
+        }
+        line.extend(strings("args"));
+        let mut cmd = Command::new(&line[0]);
+        cmd.args(&line[1..])
             // The image's own environment (runner-image/Dockerfile).
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -1528,6 +1550,26 @@ impl KubeletApi {
         if let Some(dir) = container["workingDir"].as_str() {
             cmd.current_dir(map(dir));
         }
-        cmd.spawn().map_err(|e| e.to_string())
+        Ok(cmd)
+    }
+
+    /// Runs the Pod's init containers to the end, then starts its container.
+    fn spawn(&self, pod: &serde_json::Value) -> Result<Child, String> {
+        for init in pod["spec"]["initContainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let status = self
+                .command(pod, init)?
+                .status()
+                .map_err(|e| e.to_string())?;
+            if !status.success() {
+                return Err(format!("init container {}: {status}", init["name"]));
+            }
+        }
+        self.command(pod, &pod["spec"]["containers"][0])?
+            .spawn()
+            .map_err(|e| e.to_string())
     }
 }

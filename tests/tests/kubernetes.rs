@@ -556,7 +556,7 @@ async fn the_objects_grad_applies_and_the_k8s_manifests_pass_schema_validation()
     ) {
         return;
     }
-    let grad = grad_on(&kmock, &[]);
+    let grad = grad_on(&kmock, &["--job-pods", "--job-pod-delay", "0s"]);
     pro(&grad);
     let admin = grad.admin().await;
     admin
@@ -574,6 +574,19 @@ async fn the_objects_grad_applies_and_the_k8s_manifests_pass_schema_validation()
         .unwrap();
     runner_id(&kmock, "plain");
     runner_id(&kmock, "gpu");
+    // A job's Pod too, in its own image with grad-runner copied in.
+    let id = submit(
+        &grad,
+        "name: own\nimage: python:3.12-slim\ngpus: 1\ncommand: true\nresources: { cpu: 1, memory: 1Gi }\n",
+    );
+    wait_until("the job's pod", WAIT, || {
+        !requests(
+            &kmock,
+            "PATCH",
+            &format!("/api/v1/namespaces/{NS}/pods/job-{id}-1"),
+        )
+        .is_empty()
+    });
     let dir = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
     for (i, request) in kmock
@@ -587,8 +600,8 @@ async fn the_objects_grad_applies_and_the_k8s_manifests_pass_schema_validation()
         files.push(path);
     }
     assert!(
-        files.len() >= 6,
-        "secret, claim and pod for each runner: {files:?}"
+        files.len() >= 8,
+        "secret, claim and pod for each runner, secret and pod for the job: {files:?}"
     );
     for version in ["1.33.0", "1.37.0"] {
         let out = std::process::Command::new("kubernetes-validate")
@@ -615,4 +628,141 @@ async fn the_objects_grad_applies_and_the_k8s_manifests_pass_schema_validation()
         out.stdout_str(),
         out.stderr_str()
     );
+}
+
+/// Submits the job in `dir` (`job.yaml` as given) and answers its id.
+fn submit(grad: &Grad, job_yaml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("job.yaml"), job_yaml).unwrap();
+    let out = grad.run(&["job", "submit", dir.path().to_str().unwrap(), "-o", "json"]);
+    assert_eq!(out.code(), 0, "{}", out.stderr_str());
+    let v: Value = serde_json::from_str(&out.stdout_str()).unwrap();
+    v["job"]["id"].as_str().unwrap().to_owned()
+}
+
+fn job_wait(grad: &Grad, id: &str) -> (i32, Value) {
+    let out = grad.run(&["job", "wait", id, "--timeout", "60s", "-o", "json"]);
+    let v = serde_json::from_str(&out.stdout_str()).unwrap_or(Value::Null);
+    (out.code(), v)
+}
+
+fn job_logs(grad: &Grad, id: &str) -> String {
+    let out = grad.run(&["job", "logs", id]);
+    assert_eq!(out.code(), 0, "{}", out.stderr_str());
+    out.stdout_str()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_jobs_run_as_their_own_pods_in_their_image_with_gpus_and_retries() {
+    let Some(kmock) = Kmock::start() else { return };
+    let _kubelet = Kubelet::start(&kmock, NS, true);
+    let grad = grad_on(&kmock, &["--job-pods", "--job-pod-delay", "0s"]);
+    pro(&grad);
+    let base = format!("/api/v1/namespaces/{NS}");
+
+    // In the runner image, retried once: attempt 1 fails, attempt 2 (a new
+    // Pod) succeeds; the log streams like any worker's.
+    let id = submit(
+        &grad,
+        "name: plain\ncommand: echo attempt $GRAD_JOB_ATTEMPT; [ \"$GRAD_JOB_ATTEMPT\" = 2 ]\nretries: 1\n",
+    );
+    let (code, done) = job_wait(&grad, &id);
+    assert_eq!(code, 0, "{done}");
+    assert_eq!(done["attempt"], 2, "{done}");
+    assert_eq!(job_logs(&grad, &id), "attempt 1\nattempt 2\n");
+    for attempt in [1, 2] {
+        let applied = requests(&kmock, "PATCH", &format!("{base}/pods/job-{id}-{attempt}"));
+        assert_eq!(applied.len(), 1, "attempt {attempt}'s pod");
+        assert_applied_by_grad(&applied[0]);
+        let pod = body(&applied[0]);
+        let container = &pod["spec"]["containers"][0];
+        assert_eq!(container["image"], "grad-runner:test");
+        assert_eq!(container["command"][0], "/usr/local/bin/grad-runner");
+        let args: Vec<&str> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        assert!(
+            args.windows(2).any(|w| w == ["--job", id.as_str()]),
+            "{args:?}"
+        );
+        assert!(pod["spec"]["initContainers"].is_null());
+        assert_eq!(pod["metadata"]["labels"]["grad.dev/job-id"], id.as_str());
+    }
+    // Ended attempts leave nothing: no Pod, no Secret, no worker.
+    wait_until("the job's pods to go", WAIT, || {
+        list(&kmock, "pods").is_empty() && list(&kmock, "secrets").is_empty()
+    });
+    let workers = grad.run(&["worker", "list", "-o", "json"]);
+    assert_eq!(workers.code(), 0, "{}", workers.stderr_str());
+    assert!(
+        !workers.stdout_str().contains(&id),
+        "{}",
+        workers.stdout_str()
+    );
+
+    // The job's own image, with grad-runner copied in, and a GPU.
+    let id = submit(
+        &grad,
+        "name: own\nimage: python:3.12-slim\ngpus: 1\ncommand: echo gpus=$CUDA_VISIBLE_DEVICES\nresources: { cpu: 2, memory: 4Gi }\n",
+    );
+    let (code, done) = job_wait(&grad, &id);
+    assert_eq!(code, 0, "{done}");
+    assert_eq!(job_logs(&grad, &id), "gpus=0\n");
+    let pod = body(&requests(&kmock, "PATCH", &format!("{base}/pods/job-{id}-1"))[0]);
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(container["image"], "python:3.12-slim");
+    assert_eq!(container["command"][0], "/grad/bin/grad-runner");
+    assert_eq!(
+        pod["spec"]["initContainers"][0]["image"],
+        "grad-runner:test"
+    );
+    assert_eq!(container["resources"]["limits"]["nvidia.com/gpu"], "1");
+    assert_eq!(container["resources"]["limits"]["cpu"], "2000m");
+    assert_eq!(
+        container["resources"]["limits"]["memory"],
+        (4u64 << 30).to_string()
+    );
+    assert_eq!(pod["spec"]["tolerations"][0]["key"], "nvidia.com/gpu");
+    // The worker's token is in the Secret only.
+    let secret = body(&requests(&kmock, "PATCH", &format!("{base}/secrets/job-{id}-1-token"))[0]);
+    let token = secret["stringData"]["token"].as_str().unwrap();
+    assert!(!pod.to_string().contains(token));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_pod_cannot_start_fails_with_the_clusters_reason() {
+    let Some(kmock) = Kmock::start() else { return };
+    let _kubelet = Kubelet::start(&kmock, NS, false);
+    let grad = grad_on(&kmock, &["--job-pods", "--job-pod-delay", "0s"]);
+    let id = submit(&grad, "name: nope\nimage: no-such-image:1\ncommand: true\n");
+    let pod = format!("job-{id}-1");
+    wait_until("the job's pod", WAIT, || {
+        list(&kmock, "pods")
+            .iter()
+            .any(|p| p["metadata"]["name"] == pod.as_str())
+    });
+    kmock.set_pod_status(
+        NS,
+        &pod,
+        serde_json::json!({
+            "phase": "Pending",
+            "initContainerStatuses": [],
+            "containerStatuses": [{"name": "job", "ready": false, "restartCount": 0, "image": "no-such-image:1", "imageID": "",
+                "state": {"waiting": {"reason": "ImagePullBackOff",
+                    "message": "Back-off pulling image \"no-such-image:1\""}}}]
+        }),
+    );
+    let (code, done) = job_wait(&grad, &id);
+    assert_eq!(code, 9, "{done}");
+    let reason = done["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("ImagePullBackOff") && reason.contains("no-such-image:1"),
+        "{done}"
+    );
+    wait_until("the pod and its secret to go", WAIT, || {
+        list(&kmock, "pods").is_empty() && list(&kmock, "secrets").is_empty()
+    });
 }

@@ -240,6 +240,7 @@ async fn claim_until_empty(url: String, token: String, expected: usize) -> Vec<(
                 ClaimJobRequest {
                     capabilities: Some(WorkerCapabilities::default()),
                     wait_ms: 200,
+                    ..Default::default()
                 },
             ))
             .await

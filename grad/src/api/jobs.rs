@@ -240,7 +240,8 @@ impl WorkerAgent for Api {
             .runs(&req, msg.capabilities.clone().unwrap_or_default())
             .await?;
         let wait = Duration::from_millis(msg.wait_ms.into());
-        let claimed = self.jobs.claim(&runs, wait).await?;
+        let only = (!msg.job_id.is_empty()).then_some(msg.job_id.as_str());
+        let claimed = self.jobs.claim(&runs, only, wait).await?;
         Ok(Response::new(pb::ClaimJobResponse {
             job: claimed.map(|c| pb::ClaimedJob {
                 id: c.job.id,

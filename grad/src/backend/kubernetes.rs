@@ -51,12 +51,13 @@ pub const RUNNER_ID: &str = "grad.dev/runner-id";
 pub const RUNNER_NAME: &str = "grad.dev/runner";
 pub const OWNER_ID: &str = "grad.dev/owner-id";
 pub const OWNER_NAME: &str = "grad.dev/owner";
-const SELECTOR: &str = "app.kubernetes.io/managed-by=grad";
+/// Runner objects: grad's, and not a job's (`backend::job_pods`).
+const SELECTOR: &str = "app.kubernetes.io/managed-by=grad,!grad.dev/job-id";
 
 /// Where things are inside a runner's Pod.
 const WORKSPACE: &str = "/workspace";
 const STATE_DIR: &str = "/var/lib/grad-runner";
-const TOKEN_DIR: &str = "/var/run/grad";
+pub(crate) const TOKEN_DIR: &str = "/var/run/grad";
 /// The runner image's user (`runner-image/Dockerfile`).
 const RUNNER_UID: i64 = 1000;
 /// How long a runner has to stop before the kubelet kills it.
@@ -94,7 +95,7 @@ pub struct Settings {
 
 /// What the watcher last saw of a runner's Pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Seen {
+pub(crate) enum Seen {
     /// Created, not running yet; maybe with the scheduler's or kubelet's words.
     Waiting(String),
     Running,
@@ -129,7 +130,7 @@ pub struct Kubernetes {
     synced: watch::Sender<bool>,
 }
 
-fn kube_error(context: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+pub(crate) fn kube_error(context: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let context = context.into();
     move |source| Error::Kube {
         context,
@@ -163,7 +164,7 @@ pub fn secret_name(runner_id: &str) -> String {
     format!("runner-{runner_id}-token")
 }
 
-fn quantity(v: impl std::fmt::Display) -> Quantity {
+pub(crate) fn quantity(v: impl std::fmt::Display) -> Quantity {
     Quantity(v.to_string())
 }
 
@@ -349,14 +350,7 @@ pub fn pod(spec: &Spec, settings: &Settings) -> Pod {
         working_dir: Some(WORKSPACE.into()),
         ..Default::default()
     };
-    let tolerations = (r.resources.gpus > 0).then(|| {
-        vec![Toleration {
-            key: Some("nvidia.com/gpu".into()),
-            operator: Some("Exists".into()),
-            effect: Some("NoSchedule".into()),
-            ..Default::default()
-        }]
-    });
+    let tolerations = gpu_tolerations(r.resources.gpus);
     Pod {
         metadata: metadata(pod_name(&r.id), r, &settings.namespace),
         spec: Some(PodSpec {
@@ -382,8 +376,21 @@ pub fn pod(spec: &Spec, settings: &Settings) -> Pod {
     }
 }
 
+/// With GPUs: a toleration for the `nvidia.com/gpu` taint GPU node pools
+/// commonly carry.
+pub(crate) fn gpu_tolerations(gpus: u32) -> Option<Vec<Toleration>> {
+    (gpus > 0).then(|| {
+        vec![Toleration {
+            key: Some("nvidia.com/gpu".into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        }]
+    })
+}
+
 /// What a Pod's status says, in a user's words.
-fn seen(pod: &Pod) -> Seen {
+pub(crate) fn seen(pod: &Pod) -> Seen {
     if pod.metadata.deletion_timestamp.is_some() {
         return Seen::Terminating;
     }
@@ -484,6 +491,10 @@ fn runner_id_of<K: Resource>(object: &K) -> Option<String> {
 }
 
 impl Kubernetes {
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     pub fn new(client: Client, settings: Settings, events: mpsc::Sender<Event>) -> Kubernetes {
         Kubernetes {
             client,
@@ -495,7 +506,7 @@ impl Kubernetes {
         }
     }
 
-    fn api<K>(&self) -> Api<K>
+    pub(crate) fn api<K>(&self) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
         <K as Resource>::DynamicType: Default,
@@ -503,7 +514,7 @@ impl Kubernetes {
         Api::namespaced(self.client.clone(), &self.settings.namespace)
     }
 
-    async fn apply<K>(&self, name: &str, object: &K) -> Result<K, Error>
+    pub(crate) async fn apply<K>(&self, name: &str, object: &K) -> Result<K, Error>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
             + Clone
@@ -524,7 +535,7 @@ impl Kubernetes {
     }
 
     /// Deletes `name` (gone already is fine).
-    async fn delete<K>(&self, name: &str, params: &DeleteParams) -> Result<(), Error>
+    pub(crate) async fn delete<K>(&self, name: &str, params: &DeleteParams) -> Result<(), Error>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
             + Clone

@@ -2,6 +2,7 @@
 //! lifecycle (states, tokens, reconciliation) is the caller's
 //! ([`crate::runners`]); a backend only starts, stops and removes.
 
+pub mod job_pods;
 pub mod kubernetes;
 pub mod local;
 

@@ -37,6 +37,8 @@ pub const MAX_BUNDLE: u64 = 2 << 30;
 const URL_EXPIRY: Duration = Duration::from_secs(30 * 60);
 /// Queued jobs looked at per claim.
 const CLAIM_SCAN: u32 = 64;
+/// The label of the worker grad makes for a job's own pod: the job's id.
+pub const JOB_POD_LABEL: &str = "grad.dev/job";
 /// The longest a claim waits for work.
 const MAX_CLAIM_WAIT: Duration = Duration::from_secs(60);
 const DEFAULT_LIST: u32 = 100;
@@ -377,10 +379,12 @@ impl Jobs {
 
     fn can_run(runs: &Runs, job: &store::Job, spec: &Spec) -> bool {
         let worker = &runs.worker;
+        // A job's own pod runs in the job's image: no Docker needed there.
+        let in_image = worker.labels.get(JOB_POD_LABEL) == Some(&job.id);
         (worker.shared || worker.owner_id == job.owner_id)
             && (job.target_runner.is_empty() || job.target_runner == worker.id)
             && spec.gpus <= runs.capabilities.gpus
-            && (spec.image.is_empty() || runs.capabilities.docker)
+            && (spec.image.is_empty() || runs.capabilities.docker || in_image)
             && spec
                 .labels
                 .iter()
@@ -389,7 +393,23 @@ impl Jobs {
 
     /// Claims the oldest queued job `runs` can run, waiting up to `wait`
     /// for one to come.
-    pub async fn claim(&self, runs: &Runs, wait: Duration) -> Result<Option<Claimed>> {
+    pub async fn claim(
+        &self,
+        runs: &Runs,
+        only: Option<&str>,
+        wait: Duration,
+    ) -> Result<Option<Claimed>> {
+        if let Some(id) = only {
+            // One job, there or not: a job pod has nothing else to wait for.
+            let page = self.store.job(id).await?.into_iter();
+            return self
+                .claim_from(
+                    runs,
+                    page.filter(|j| j.state == store::JobState::Queued)
+                        .collect(),
+                )
+                .await;
+        }
         let deadline = tokio::time::Instant::now() + wait.min(MAX_CLAIM_WAIT);
         let mut changed = self.bus.subscribe(Topic::Queue);
         let owner = (!runs.worker.shared).then_some(runs.worker.owner_id.as_str());

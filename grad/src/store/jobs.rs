@@ -422,6 +422,22 @@ impl Store {
         Ok(true)
     }
 
+    /// Fails a queued job that cannot start (its pod could not); answers
+    /// whether it was queued.
+    pub async fn fail_queued(&self, id: &str, reason: &str) -> Result<bool> {
+        let now = now_ms();
+        let done = sqlx::query(
+            "UPDATE jobs SET state = 'failed', reason = $1, finished_at = $2, updated_at = $2 \
+             WHERE id = $3 AND state = 'queued'",
+        )
+        .bind(reason)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Cancels a queued job; answers whether it was queued.
     pub async fn cancel_queued(&self, id: &str, reason: &str, by: &str) -> Result<bool> {
         let now = now_ms();

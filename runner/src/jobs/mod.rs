@@ -81,6 +81,8 @@ pub struct Config {
     /// Look for a Docker engine (DOCKER_HOST or the default socket) for
     /// jobs with an image.
     pub docker: bool,
+    /// Run this one job (in the image this agent runs in) and exit.
+    pub only_job: Option<String>,
 }
 
 /// What every attempt shares.
@@ -93,6 +95,9 @@ pub struct Worker {
     pub docker: Option<docker::Docker>,
     /// GPUs in use by running attempts (indices).
     pub gpus_in_use: std::sync::Mutex<Vec<bool>>,
+    /// This agent runs in the job's image (a job's own pod): a job with an
+    /// image runs as a process here.
+    pub in_image: bool,
 }
 
 fn hostname() -> String {
@@ -133,6 +138,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Er
             None
         },
         gpus_in_use: std::sync::Mutex::new(vec![false; config.gpus as usize]),
+        in_image: config.only_job.is_some(),
     });
     let capabilities = WorkerCapabilities {
         gpus: config.gpus,
@@ -164,6 +170,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Er
                 ..capabilities.clone()
             }),
             wait_ms: CLAIM_WAIT.as_millis() as u32,
+            job_id: config.only_job.clone().unwrap_or_default(),
         });
         let mut client = WorkerAgentClient::new(worker.channel.clone());
         let claimed = tokio::select! {
@@ -175,8 +182,20 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Er
         match claimed {
             Ok(response) => {
                 backoff = Duration::from_millis(100);
-                if let Some(job) = response.into_inner().job {
-                    running.spawn(run::attempt(worker.clone(), job, stopping.clone()));
+                match (response.into_inner().job, &config.only_job) {
+                    (Some(job), None) => {
+                        running.spawn(run::attempt(worker.clone(), job, stopping.clone()));
+                    }
+                    // The one job: run it, then stop.
+                    (Some(job), Some(_)) => {
+                        run::attempt(worker.clone(), job, stopping.clone()).await;
+                        break;
+                    }
+                    (None, Some(id)) => {
+                        tracing::info!(job = %id, "the job is not there to run (taken, cancelled or gone)");
+                        break;
+                    }
+                    (None, None) => {}
                 }
             }
             Err(status)

@@ -314,7 +314,7 @@ async fn execute(
         deadline: timeout.map(|t| tokio::time::Instant::now() + t),
     };
     let started = Instant::now();
-    let ended = if spec.image.is_empty() {
+    let ended = if spec.image.is_empty() || worker.in_image {
         run_process(job, dir, log, gpus, &stops).await
     } else {
         match &worker.docker {

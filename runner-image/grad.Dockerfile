@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1.7
-#
 # The control plane image: grad (server) and gractl (CLI), from the
 # repository root:
 #   DOCKER_BUILDKIT=1 docker build -f runner-image/grad.Dockerfile -t grad:dev .

@@ -852,12 +852,14 @@ impl Runners {
             runner: runner.clone(),
             servers: self.replicas.servers().await,
         };
+        // Starting before the backend starts it: what the backend says
+        // while it comes up (a pod waiting to be scheduled) is kept.
+        if runner.state == State::Pending {
+            self.store.set_runner_state(id, State::Starting, "").await?;
+        }
         match self.backend.start(&spec).await {
             Ok(pid) => {
                 self.store.set_runner_pid(id, pid).await?;
-                if runner.state == State::Pending {
-                    self.store.set_runner_state(id, State::Starting, "").await?;
-                }
                 tracing::info!(runner = %runner.name, ?pid, "runner process started");
             }
             Err(e) => {
@@ -982,14 +984,19 @@ impl Runners {
             let Some(event) = event else {
                 return;
             };
-            if let Err(e) = self.backend_event(event).await {
-                tracing::error!(error = %e, "handling a backend event");
-            }
+            // Each on its own: one waiting for its runner's lock (a pause
+            // collecting outputs) holds up no other.
+            let this = self.clone();
+            self.tracker.spawn(async move {
+                if let Err(e) = this.backend_event(event).await {
+                    tracing::error!(error = %e, "handling a backend event");
+                }
+            });
         }
     }
 
     async fn backend_event(&self, event: backend::Event) -> Result<()> {
-        let (runner_id, pid, reason, fails) = match event {
+        let (runner_id, pid, token_id, reason, fails) = match event {
             backend::Event::Exited {
                 runner_id,
                 pid,
@@ -997,17 +1004,26 @@ impl Runners {
             } => (
                 runner_id,
                 Some(pid),
+                None,
                 format!("runner process exited ({status})"),
                 true,
             ),
-            backend::Event::Gone { runner_id, reason } => (runner_id, None, reason, true),
-            backend::Event::Waiting { runner_id, reason } => (runner_id, None, reason, false),
+            backend::Event::Gone {
+                runner_id,
+                token_id,
+                reason,
+            } => (runner_id, None, token_id, reason, true),
+            backend::Event::Waiting {
+                runner_id,
+                token_id,
+                reason,
+            } => (runner_id, None, token_id, reason, false),
         };
         let Some(runner) = self.store.runner_by_id(&runner_id).await? else {
             return Ok(());
         };
-        if pid.is_some() && runner.pid != pid {
-            return Ok(());
+        if (pid.is_some() && runner.pid != pid) || token_id.is_some_and(|t| t != runner.token_id) {
+            return Ok(()); // about an earlier start
         }
         match runner.state {
             State::Starting | State::Ready | State::Resuming if fails => {
@@ -1072,18 +1088,19 @@ impl Runners {
             tracing::info!(runner = %runner.name, owner = %runner.owner_name, %reason, "pausing an idle runner");
             let decide =
                 |r: &store::Runner| Ok((r.state == State::Ready).then_some(State::Pausing));
-            let paused = self
-                .transition(
-                    &owner,
-                    &runner.name,
-                    decide,
-                    Some("pause"),
-                    move |this, id| async move { this.stop(&id, &reason).await },
-                )
-                .await;
-            if let Err(e) = paused {
-                tracing::warn!(runner = %runner.name, error = %e, "an idle runner could not be paused");
-            }
+            // Its own task: collecting outputs may take long, and the
+            // liveness checks of every other runner go on meanwhile.
+            let (this, name) = (self.clone(), runner.name.clone());
+            self.tracker.spawn(async move {
+                let paused = this
+                    .transition(&owner, &name, decide, Some("pause"), move |this, id| async move {
+                        this.stop(&id, &reason).await
+                    })
+                    .await;
+                if let Err(e) = paused {
+                    tracing::warn!(runner = %name, error = %e, "an idle runner could not be paused");
+                }
+            });
         }
         Ok(())
     }

@@ -766,3 +766,48 @@ async fn a_job_whose_pod_cannot_start_fails_with_the_clusters_reason() {
         list(&kmock, "pods").is_empty() && list(&kmock, "secrets").is_empty()
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_pods_token_claims_its_own_job_and_nothing_else() {
+    let Some(kmock) = Kmock::start() else { return };
+    let _kubelet = Kubelet::start(&kmock, NS, false);
+    let grad = grad_on(&kmock, &["--job-pods", "--job-pod-delay", "0s"]);
+    let a = submit(&grad, "name: a\ncommand: true\n");
+    let b = submit(&grad, "name: b\ncommand: true\n");
+    let secret = format!("/api/v1/namespaces/{NS}/secrets/job-{a}-1-token");
+    let mut token = String::new();
+    wait_until("job a's secret", WAIT, || {
+        token = kmock.get(&secret)["stringData"]["token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        !token.is_empty()
+    });
+    let channel = tonic::transport::Endpoint::from_shared(grad.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = grad_proto::worker_agent_client::WorkerAgentClient::new(channel);
+    let claim = |job_id: &str| {
+        let mut request = tonic::Request::new(grad_proto::ClaimJobRequest {
+            capabilities: Some(grad_proto::WorkerCapabilities::default()),
+            wait_ms: 200,
+            job_id: job_id.to_owned(),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+    let any = client.claim_job(claim("")).await.unwrap().into_inner();
+    assert!(
+        any.job.is_none(),
+        "claimed {:?} without naming a job",
+        any.job
+    );
+    let other = client.claim_job(claim(&b)).await.unwrap().into_inner();
+    assert!(other.job.is_none(), "claimed job b: {:?}", other.job);
+    let own = client.claim_job(claim(&a)).await.unwrap().into_inner();
+    assert_eq!(own.job.map(|j| j.id), Some(a));
+}

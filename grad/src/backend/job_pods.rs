@@ -17,7 +17,11 @@
 //! cannot be pulled) fails its job with the cluster's reason; a job queued
 //! again for a retry gets a new Pod.
 
-use std::{collections::BTreeMap, collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use k8s_openapi::api::core::v1::{
     Container, EmptyDirVolumeSource, Pod, PodSecurityContext, PodSpec, ResourceRequirements,
@@ -111,43 +115,26 @@ impl JobPods {
             .map_err(super::kubernetes::kube_error("listing job pods"))?;
         // Job id -> the attempt its live Pod is for.
         let mut live: HashMap<String, u32> = HashMap::new();
+        let mut pod_names: HashSet<String> = HashSet::new();
         for pod in pods.items {
-            let (Some(job_id), Some(attempt)) = (
+            let (Some(job_id), Some(attempt), Some(owner_id)) = (
                 label(&pod, JOB_ID).map(str::to_owned),
                 label(&pod, JOB_ATTEMPT).and_then(|a| a.parse::<u32>().ok()),
+                label(&pod, OWNER_ID).map(str::to_owned),
             ) else {
                 continue;
             };
-            let job = self.store.job(&job_id).await?;
-            let ended = match seen(&pod) {
-                Seen::Ended(reason) => Some(reason),
-                _ => None,
-            };
-            let done = match (&job, &ended) {
-                (None, _) => true,
-                (Some(job), _) if job.state.is_terminal() => true,
-                // Its attempt was claimed by someone else: the agent exits.
-                (Some(job), None) => {
-                    job.attempt >= attempt && job.worker_name != worker_name(&job_id, attempt)
+            pod_names.insert(pod_name(&job_id, attempt));
+            // One Pod's trouble is not every job's.
+            match self.settle(&pod, &job_id, attempt, &owner_id).await {
+                Ok(true) => {
+                    live.insert(job_id, attempt);
                 }
-                (Some(job), Some(reason)) => {
-                    if job.state == JobState::Queued && job.attempt < attempt {
-                        // It never got as far as claiming.
-                        let why = format!("its pod {}: {reason}", pod_name(&job_id, attempt));
-                        if self.store.fail_queued(&job_id, &why).await? {
-                            tracing::warn!(job = %job_id, reason = %why, "job failed before it started");
-                            self.bus.bump(Topic::Jobs);
-                        }
-                    }
-                    true
-                }
-            };
-            if done {
-                self.remove(&job_id, attempt).await?;
-            } else {
-                live.insert(job_id, attempt);
+                Ok(false) => {}
+                Err(e) => tracing::warn!(job = %job_id, attempt, error = %e, "job pod"),
             }
         }
+        self.collect_secrets(&pod_names).await?;
 
         let now = now_ms();
         let mut after: Option<(i64, String)> = None;
@@ -173,11 +160,15 @@ impl JobPods {
                 {
                     continue;
                 }
-                let spec = Spec::from_json(&job.spec)?;
-                if !spec.labels.is_empty() {
-                    continue; // for the workers that have them
+                let started = match Spec::from_json(&job.spec) {
+                    // Labels are for the workers that have them.
+                    Ok(spec) if !spec.labels.is_empty() => Ok(()),
+                    Ok(spec) => self.start(&job, &spec, attempt).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = started {
+                    tracing::warn!(job = %job.id, attempt, error = %e, "cannot make the job's pod");
                 }
-                self.start(&job, &spec, attempt).await?;
             }
             if !full {
                 return Ok(());
@@ -185,28 +176,117 @@ impl JobPods {
         }
     }
 
-    /// Makes the worker, Secret and Pod for `job`'s attempt `attempt`.
-    async fn start(&self, job: &store::Job, spec: &Spec, attempt: u32) -> Result<()> {
-        let worker = store::Worker {
-            id: uuid::Uuid::new_v4().to_string(),
-            owner_id: job.owner_id.clone(),
-            owner_name: job.owner_name.clone(),
-            name: worker_name(&job.id, attempt),
-            shared: false,
-            labels: BTreeMap::from([(JOB_POD_LABEL.to_owned(), job.id.clone())]),
-            token_id: uuid::Uuid::new_v4().to_string(),
-            created_at: now_ms(),
-            last_seen_at: 0,
+    /// Removes a job Pod that is done with; answers whether it stays (it
+    /// is about to run, or running, its attempt).
+    async fn settle(&self, pod: &Pod, job_id: &str, attempt: u32, owner_id: &str) -> Result<bool> {
+        let job = self.store.job(job_id).await?;
+        let ours = worker_name(job_id, attempt);
+        let done = match (&job, seen(pod)) {
+            (None, _) => true,
+            (Some(job), _) if job.state.is_terminal() => true,
+            // It cannot start: before it claimed, the job fails with the
+            // cluster's words (an image that cannot be pulled stays so).
+            (Some(job), Seen::Stuck(reason)) => {
+                if job.state == JobState::Queued && job.attempt < attempt {
+                    let why = format!("{}: {reason}", pod_name(job_id, attempt));
+                    if self.store.fail_queued(job_id, &why).await? {
+                        tracing::warn!(job = %job_id, reason = %why, "job failed before it started");
+                        self.bus.bump(Topic::Jobs);
+                    }
+                }
+                true
+            }
+            // It ended: its attempt is over (or was never claimed: evicted,
+            // preempted; the next pass makes a new Pod for a queued job).
+            (Some(_), Seen::Ended(_)) => true,
+            // Another worker took this attempt: the agent finds nothing.
+            (Some(job), _) => job.attempt >= attempt && job.worker_name != ours,
         };
-        if self
-            .store
-            .worker_by_name(&job.owner_id, &worker.name)
-            .await?
-            .is_some()
-        {
-            return Ok(()); // another replica's pass made it
+        if done {
+            self.remove(job_id, attempt, owner_id).await?;
         }
-        self.store.insert_worker(&worker).await?;
+        Ok(!done)
+    }
+
+    /// Secrets of job Pods that are gone (deleted from outside, or a pass
+    /// that died between the two), with their workers; a Secret is made
+    /// just before its Pod, so only those older than a minute.
+    async fn collect_secrets(&self, pod_names: &HashSet<String>) -> Result<()> {
+        let params = ListParams::default().labels(SELECTOR);
+        let secrets = self
+            .kube
+            .api::<Secret>()
+            .list(&params)
+            .await
+            .map_err(super::kubernetes::kube_error("listing job secrets"))?;
+        let cutoff =
+            k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(60);
+        for secret in secrets.items {
+            let (Some(job_id), Some(attempt), Some(owner_id)) = (
+                secret
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(JOB_ID))
+                    .cloned(),
+                secret
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(JOB_ATTEMPT))
+                    .and_then(|a| a.parse::<u32>().ok()),
+                secret
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(OWNER_ID))
+                    .cloned(),
+            ) else {
+                continue;
+            };
+            let old = secret
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|t| t.0 < cutoff);
+            if old && !pod_names.contains(&pod_name(&job_id, attempt)) {
+                self.remove(&job_id, attempt, &owner_id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes (or makes again: a pass that failed half-way, a Pod deleted
+    /// from outside) the worker, Secret and Pod for `job`'s attempt
+    /// `attempt`. Applying is idempotent, so two replicas doing it at once
+    /// make one of each.
+    async fn start(&self, job: &store::Job, spec: &Spec, attempt: u32) -> Result<()> {
+        let name = worker_name(&job.id, attempt);
+        let worker = match self.store.worker_by_name(&job.owner_id, &name).await? {
+            Some(worker) => worker,
+            None => {
+                let worker = store::Worker {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    owner_id: job.owner_id.clone(),
+                    owner_name: job.owner_name.clone(),
+                    name: name.clone(),
+                    shared: false,
+                    labels: BTreeMap::from([(JOB_POD_LABEL.to_owned(), job.id.clone())]),
+                    token_id: uuid::Uuid::new_v4().to_string(),
+                    created_at: now_ms(),
+                    last_seen_at: 0,
+                };
+                if let Err(e) = self.store.insert_worker(&worker).await {
+                    // Another replica's pass, a moment earlier.
+                    match self.store.worker_by_name(&job.owner_id, &name).await? {
+                        Some(theirs) => theirs,
+                        None => return Err(e),
+                    }
+                } else {
+                    worker
+                }
+            }
+        };
         let token = self.keys.issue_worker(&worker.id, &worker.token_id)?;
         let settings = self.kube.settings();
         let meta = |name: String| k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
@@ -246,7 +326,9 @@ impl JobPods {
         Ok(())
     }
 
-    async fn remove(&self, job_id: &str, attempt: u32) -> Result<()> {
+    /// The Pod, Secret and worker of one attempt go (the worker's token
+    /// with it).
+    async fn remove(&self, job_id: &str, attempt: u32, owner_id: &str) -> Result<()> {
         let params = DeleteParams::default();
         self.kube
             .delete::<Pod>(&pod_name(job_id, attempt), &params)
@@ -254,11 +336,10 @@ impl JobPods {
         self.kube
             .delete::<Secret>(&secret_name(job_id, attempt), &params)
             .await?;
-        if let Some(job) = self.store.job(job_id).await?
-            && let Some(worker) = self
-                .store
-                .worker_by_name(&job.owner_id, &worker_name(job_id, attempt))
-                .await?
+        if let Some(worker) = self
+            .store
+            .worker_by_name(owner_id, &worker_name(job_id, attempt))
+            .await?
         {
             self.store.delete_worker(&worker.id).await?;
         }

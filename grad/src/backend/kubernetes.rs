@@ -51,6 +51,8 @@ pub const RUNNER_ID: &str = "grad.dev/runner-id";
 pub const RUNNER_NAME: &str = "grad.dev/runner";
 pub const OWNER_ID: &str = "grad.dev/owner-id";
 pub const OWNER_NAME: &str = "grad.dev/owner";
+/// The annotation naming the runner token a Pod was made with.
+pub const TOKEN_ID: &str = "grad.dev/token-id";
 /// Runner objects: grad's, and not a job's (`backend::job_pods`).
 const SELECTOR: &str = "app.kubernetes.io/managed-by=grad,!grad.dev/job-id";
 
@@ -73,8 +75,6 @@ const HOPELESS: &[&str] = &[
     "InvalidImageName",
     "ErrImageNeverPull",
     "CreateContainerConfigError",
-    "CreateContainerError",
-    "CrashLoopBackOff",
 ];
 
 #[derive(Debug, Clone)]
@@ -99,7 +99,10 @@ pub(crate) enum Seen {
     /// Created, not running yet; maybe with the scheduler's or kubelet's words.
     Waiting(String),
     Running,
-    /// It will not run (any more): why.
+    /// It cannot start, and waiting will not help (an image that cannot be
+    /// pulled, a bad config): why.
+    Stuck(String),
+    /// It ended: why.
     Ended(String),
     /// Being deleted.
     Terminating,
@@ -108,15 +111,10 @@ pub(crate) enum Seen {
 #[derive(Debug, Clone)]
 struct Observed {
     uid: String,
+    /// The runner token the Pod was made with: news about a Pod made for
+    /// an earlier start is no news (the store knows the current token).
+    token_id: String,
     seen: Seen,
-}
-
-/// Which Pod of a runner's is its current one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Current {
-    /// `start` is replacing the Pod: what happens to the old one is no news.
-    Replacing,
-    Uid(String),
 }
 
 pub struct Kubernetes {
@@ -125,8 +123,6 @@ pub struct Kubernetes {
     events: mpsc::Sender<Event>,
     /// Runner id -> its Pod as last seen (after the first full list).
     pods: Mutex<HashMap<String, Observed>>,
-    /// Runner id -> the Pod grad made for it last.
-    current: Mutex<HashMap<String, Current>>,
     synced: watch::Sender<bool>,
 }
 
@@ -351,8 +347,12 @@ pub fn pod(spec: &Spec, settings: &Settings) -> Pod {
         ..Default::default()
     };
     let tolerations = gpu_tolerations(r.resources.gpus);
+    let mut meta = metadata(pod_name(&r.id), r, &settings.namespace);
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.insert(TOKEN_ID.into(), r.token_id.clone());
+    }
     Pod {
-        metadata: metadata(pod_name(&r.id), r, &settings.namespace),
+        metadata: meta,
         spec: Some(PodSpec {
             containers: vec![container],
             // The runner ending is news for grad (like a local process
@@ -366,6 +366,8 @@ pub fn pod(spec: &Spec, settings: &Settings) -> Pod {
                 run_as_group: Some(RUNNER_UID),
                 run_as_non_root: Some(true),
                 fs_group: Some(RUNNER_UID),
+                // Not a recursive chown of a large claim at every start.
+                fs_group_change_policy: Some("OnRootMismatch".into()),
                 ..Default::default()
             }),
             tolerations,
@@ -397,6 +399,28 @@ pub(crate) fn seen(pod: &Pod) -> Seen {
     let Some(status) = &pod.status else {
         return Seen::Waiting(String::new());
     };
+    // An init container (a job's, copying grad-runner in) that cannot
+    // start or failed says more than the container waiting behind it.
+    for init in status.init_container_statuses.iter().flatten() {
+        let state = init.state.as_ref();
+        if let Some(waiting) = state.and_then(|s| s.waiting.as_ref())
+            && let Some(reason) = waiting.reason.as_deref().filter(|r| HOPELESS.contains(r))
+        {
+            return Seen::Stuck(format!(
+                "its pod cannot start: init container {}: {reason}: {}",
+                init.name,
+                waiting.message.as_deref().unwrap_or("")
+            ));
+        }
+        if let Some(t) = state.and_then(|s| s.terminated.as_ref())
+            && t.exit_code != 0
+        {
+            return Seen::Ended(format!(
+                "its pod's init container {} failed (exit code {})",
+                init.name, t.exit_code
+            ));
+        }
+    }
     let containers: &[ContainerStatus] = status.container_statuses.as_deref().unwrap_or_default();
     let terminated = containers
         .iter()
@@ -449,7 +473,7 @@ pub(crate) fn seen(pod: &Pod) -> Seen {
             None => reason.clone(),
         };
         if HOPELESS.contains(&reason.as_str()) {
-            return Seen::Ended(format!("its pod cannot start: {words}"));
+            return Seen::Stuck(format!("its pod cannot start: {words}"));
         }
         return Seen::Waiting(words);
     }
@@ -486,6 +510,14 @@ fn status_memory(pod: &Pod) -> String {
         .unwrap_or_else(|| "memory".into())
 }
 
+fn token_id_of(pod: &Pod) -> String {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TOKEN_ID).cloned())
+        .unwrap_or_default()
+}
+
 fn runner_id_of<K: Resource>(object: &K) -> Option<String> {
     object.meta().labels.as_ref()?.get(RUNNER_ID).cloned()
 }
@@ -501,7 +533,6 @@ impl Kubernetes {
             settings,
             events,
             pods: Mutex::new(HashMap::new()),
-            current: Mutex::new(HashMap::new()),
             synced: watch::channel(false).0,
         }
     }
@@ -560,17 +591,29 @@ impl Kubernetes {
         };
         self.delete::<Pod>(&name, &params).await?;
         let pods = self.api::<Pod>();
-        let deadline = Instant::now() + GONE_TIMEOUT;
+        let mut deadline = Instant::now() + GONE_TIMEOUT;
+        let mut forced = false;
         loop {
             match pods.get_opt(&name).await {
                 Ok(None) => return Ok(()),
                 Ok(Some(_)) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(250)).await
                 }
+                Ok(Some(_)) if !forced => {
+                    // Its node may be gone (the kubelet never confirms):
+                    // once more, without a grace period.
+                    forced = true;
+                    let now = DeleteParams {
+                        grace_period_seconds: Some(0),
+                        ..Default::default()
+                    };
+                    self.delete::<Pod>(&name, &now).await?;
+                    deadline = Instant::now() + Duration::from_secs(30);
+                }
                 Ok(Some(_)) => {
                     return Err(Error::Kube {
                         context: format!("deleting Pod {name}"),
-                        message: format!("still there after {}s", GONE_TIMEOUT.as_secs()),
+                        message: format!("still there {}s after a forced delete", 30),
                     });
                 }
                 Err(e) => return Err(kube_error(format!("reading Pod {name}"))(e)),
@@ -580,11 +623,23 @@ impl Kubernetes {
 
     async fn start_pod(&self, spec: &Spec) -> Result<Option<u32>, Error> {
         let id = &spec.runner.id;
-        lock(&self.current).insert(id.clone(), Current::Replacing);
         self.apply(&secret_name(id), &secret(spec, &self.settings))
             .await?;
-        self.apply(&claim_name(id), &claim(&spec.runner, &self.settings))
-            .await?;
+        // Made once: a claim's class and size are not changed under it (a
+        // new --storage-class applies to new runners).
+        let claim_exists = self
+            .api::<PersistentVolumeClaim>()
+            .get_opt(&claim_name(id))
+            .await
+            .map_err(kube_error(format!(
+                "reading PersistentVolumeClaim {}",
+                claim_name(id)
+            )))?
+            .is_some();
+        if !claim_exists {
+            self.apply(&claim_name(id), &claim(&spec.runner, &self.settings))
+                .await?;
+        }
         // A Pod's spec cannot change: a Pod left from before (failed, or
         // with the last token) makes way for the new one.
         let existing = self.api::<Pod>().get_opt(&pod_name(id)).await;
@@ -599,24 +654,20 @@ impl Kubernetes {
             .await?;
         let uid = made.uid().unwrap_or_default();
         tracing::info!(runner = %spec.runner.name, pod = %pod_name(id), %uid, "runner pod applied");
-        lock(&self.current).insert(id.clone(), Current::Uid(uid));
         Ok(None)
     }
 
     async fn stop_pod(&self, runner: &store::Runner) -> Result<(), Error> {
-        lock(&self.current).insert(runner.id.clone(), Current::Replacing);
         self.delete_pod(&runner.id).await
     }
 
     async fn remove_all(&self, runner_id: &str) -> Result<(), Error> {
-        lock(&self.current).insert(runner_id.to_owned(), Current::Replacing);
         self.delete_pod(runner_id).await?;
         let params = DeleteParams::default();
         self.delete::<PersistentVolumeClaim>(&claim_name(runner_id), &params)
             .await?;
         self.delete::<Secret>(&secret_name(runner_id), &params)
             .await?;
-        lock(&self.current).remove(runner_id);
         lock(&self.pods).remove(runner_id);
         Ok(())
     }
@@ -659,6 +710,7 @@ impl Kubernetes {
         };
         let observed = Observed {
             uid: pod.uid().unwrap_or_default(),
+            token_id: token_id_of(pod),
             seen: seen(pod),
         };
         let changed = {
@@ -666,29 +718,22 @@ impl Kubernetes {
             let before = pods.insert(runner_id.clone(), observed.clone());
             before.is_none_or(|b| b.seen != observed.seen || b.uid != observed.uid)
         };
-        if announce && changed && self.is_current(&runner_id, &observed.uid) {
-            self.tell(&runner_id, &observed.seen).await;
+        if announce && changed {
+            self.tell(&runner_id, &observed).await;
         }
     }
 
-    /// Whether a Pod is the one grad made last for the runner (after a
-    /// restart grad knows none, and the one it sees is the one).
-    fn is_current(&self, runner_id: &str, uid: &str) -> bool {
-        match lock(&self.current).get(runner_id) {
-            None => true,
-            Some(Current::Uid(current)) => current == uid,
-            Some(Current::Replacing) => false,
-        }
-    }
-
-    async fn tell(&self, runner_id: &str, seen: &Seen) {
-        let event = match seen {
-            Seen::Ended(reason) => Event::Gone {
+    async fn tell(&self, runner_id: &str, observed: &Observed) {
+        let token_id = Some(observed.token_id.clone());
+        let event = match &observed.seen {
+            Seen::Ended(reason) | Seen::Stuck(reason) => Event::Gone {
                 runner_id: runner_id.to_owned(),
+                token_id,
                 reason: reason.clone(),
             },
             Seen::Waiting(reason) if !reason.is_empty() => Event::Waiting {
                 runner_id: runner_id.to_owned(),
+                token_id,
                 reason: reason.clone(),
             },
             _ => return,
@@ -696,21 +741,19 @@ impl Kubernetes {
         let _ = self.events.send(event).await;
     }
 
-    async fn gone(&self, pod: &Pod) {
-        let Some(runner_id) = runner_id_of(pod) else {
+    /// A runner's Pod is gone (deleted, or not in a fresh list).
+    async fn vanished(&self, runner_id: String) {
+        let Some(was) = lock(&self.pods).remove(&runner_id) else {
             return;
         };
-        let uid = pod.uid().unwrap_or_default();
-        let was = lock(&self.pods).remove(&runner_id);
-        if was.is_some() && self.is_current(&runner_id, &uid) {
-            let _ = self
-                .events
-                .send(Event::Gone {
-                    runner_id,
-                    reason: "its pod was deleted".into(),
-                })
-                .await;
-        }
+        let _ = self
+            .events
+            .send(Event::Gone {
+                runner_id,
+                token_id: Some(was.token_id),
+                reason: "its pod was deleted".into(),
+            })
+            .await;
     }
 
     /// Watches the runners' Pods until `shutdown`; re-lists (and so
@@ -744,16 +787,7 @@ impl Kubernetes {
                         .cloned()
                         .collect();
                     for id in vanished {
-                        let was = lock(&self.pods).remove(&id);
-                        if was.is_some_and(|w| self.is_current(&id, &w.uid)) {
-                            let _ = self
-                                .events
-                                .send(Event::Gone {
-                                    runner_id: id,
-                                    reason: "its pod was deleted".into(),
-                                })
-                                .await;
-                        }
+                        self.vanished(id).await;
                     }
                     let announce = *self.synced.borrow();
                     for pod in std::mem::take(&mut listing).into_values() {
@@ -764,7 +798,11 @@ impl Kubernetes {
                     self.synced.send_replace(true);
                 }
                 Some(Ok(watcher::Event::Apply(pod))) => self.saw(&pod, true).await,
-                Some(Ok(watcher::Event::Delete(pod))) => self.gone(&pod).await,
+                Some(Ok(watcher::Event::Delete(pod))) => {
+                    if let Some(id) = runner_id_of(&pod) {
+                        self.vanished(id).await;
+                    }
+                }
             }
         }
     }
@@ -799,7 +837,7 @@ impl Backend for Kubernetes {
 
     fn why_gone(&self, runner: &store::Runner) -> Option<String> {
         match lock(&self.pods).get(&runner.id).map(|p| p.seen.clone()) {
-            Some(Seen::Ended(reason)) => Some(reason),
+            Some(Seen::Ended(reason) | Seen::Stuck(reason)) => Some(reason),
             Some(Seen::Terminating) => Some("its pod was being deleted".into()),
             Some(_) => None,
             None => Some("its pod was gone".into()),

@@ -56,12 +56,22 @@ pub enum Event {
         pid: u32,
         status: String,
     },
-    /// The runner's current pod (or whatever stands for it) ended, cannot
-    /// start, or vanished: the runner fails with `reason`.
-    Gone { runner_id: String, reason: String },
+    /// The runner's pod (or whatever stands for it) ended, cannot start,
+    /// or vanished: the runner fails with `reason` — if `token_id` (the
+    /// runner token it was started with) is still the runner's: news of
+    /// an earlier start's pod is no news.
+    Gone {
+        runner_id: String,
+        token_id: Option<String>,
+        reason: String,
+    },
     /// The runner is still on its way up; `reason` says what it waits for
     /// (the scheduler's or the kubelet's words).
-    Waiting { runner_id: String, reason: String },
+    Waiting {
+        runner_id: String,
+        token_id: Option<String>,
+        reason: String,
+    },
 }
 
 pub trait Backend: Send + Sync + 'static {

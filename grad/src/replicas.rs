@@ -355,16 +355,9 @@ impl Replicas {
         if let Some(channel) = lock(&self.peers).get(url) {
             return Ok(channel.clone());
         }
-        let channel = Endpoint::from_shared(url.to_string())
-            .map_err(|e| Error::Unavailable(format!("replica URL '{url}': {e}")))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            // Tunnels carry bulk SSH traffic: large HTTP/2 windows.
-            .initial_stream_window_size(4 << 20)
-            .initial_connection_window_size(8 << 20)
-            .connect_lazy();
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| Error::Unavailable(format!("replica URL '{url}': {e}")))?;
+        let channel = grad_proto::tunnel::tunnel_endpoint(endpoint).connect_lazy();
         lock(&self.peers).insert(url.to_string(), channel.clone());
         Ok(channel)
     }

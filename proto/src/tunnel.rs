@@ -25,6 +25,20 @@ use crate::v1::TunnelFrame;
 /// most runs of them travel as one frame.
 pub const MAX_FRAME: usize = 256 * 1024 - 64;
 
+/// How grad-runner dials grad, and one grad replica another, for streams
+/// that carry tunnels: no Nagle, keep-alives, and HTTP/2 windows and frames
+/// sized for bulk SSH traffic (as grad's server and gractl use them).
+pub fn tunnel_endpoint(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint {
+    endpoint
+        .tcp_nodelay(true)
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20)
+        .max_frame_size(256 << 10)
+}
+
 pub struct TunnelIo<S> {
     inbound: S,
     /// What is left of the last frame read.

@@ -91,21 +91,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         state_dir: config.state_dir.clone(),
         confine: true,
     })?;
-    let servers = Servers::parse(&config.server, |endpoint| {
-        endpoint
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            // Tunnels carry bulk SSH traffic: large HTTP/2 windows.
-            .initial_stream_window_size(4 << 20)
-            .initial_connection_window_size(8 << 20)
-            .max_frame_size(256 << 10)
-    })
-    .map_err(|e| Error::Url {
-        url: e.url,
-        reason: e.reason,
-    })?;
+    let servers =
+        Servers::parse(&config.server, grad_proto::tunnel::tunnel_endpoint).map_err(|e| {
+            Error::Url {
+                url: e.url,
+                reason: e.reason,
+            }
+        })?;
     let auth: MetadataValue<_> = format!("Bearer {}", config.token)
         .parse()
         .map_err(|_| Error::Token)?;

@@ -237,6 +237,15 @@ impl Config {
                 "--advertise-url '{url}': expected a URL like http://10.0.0.5:7070"
             ));
         }
+        if self.kubernetes.backend == BackendKind::Kubernetes {
+            crate::names::dns_label("--namespace", &self.kubernetes.namespace, 63)
+                .map_err(|e| e.to_string())?;
+            if self.kubernetes.runner_image.trim().is_empty() {
+                return Err(
+                    "--runner-image is empty: name the runner image, e.g. grad-runner:dev".into(),
+                );
+            }
+        }
         if self.kubernetes.job_pods && self.kubernetes.backend != BackendKind::Kubernetes {
             return Err("--job-pods needs --backend kubernetes".into());
         }

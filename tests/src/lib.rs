@@ -1163,14 +1163,14 @@ impl Kmock {
         &self,
         method: &str,
         path: &str,
-        body: Option<&serde_json::Value>,
+        body: Option<(&str, &serde_json::Value)>,
     ) -> serde_json::Value {
         let mut cmd = Command::new("curl");
         cmd.args(["-sS", "-X", method, &format!("{}{path}", self.url)]);
-        if let Some(body) = body {
+        if let Some((content_type, body)) = body {
             cmd.args([
                 "-H",
-                "content-type: application/merge-patch+json",
+                &format!("content-type: {content_type}"),
                 "--data-binary",
                 &body.to_string(),
             ]);
@@ -1194,18 +1194,7 @@ impl Kmock {
     }
 
     pub fn post(&self, path: &str, object: &serde_json::Value) -> serde_json::Value {
-        let out = Command::new("curl")
-            .args(["-sS", "-X", "POST", &format!("{}{path}", self.url)])
-            .args(["-H", "content-type: application/json", "--data-binary"])
-            .arg(object.to_string())
-            .output()
-            .expect("curl");
-        assert!(
-            out.status.success(),
-            "curl POST {path}: {}",
-            out.stderr_str()
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+        self.call("POST", path, Some(("application/json", object)))
     }
 
     /// Merges `status` into a Pod's status, as the kubelet would report it.
@@ -1213,7 +1202,10 @@ impl Kmock {
         self.call(
             "PATCH",
             &format!("/api/v1/namespaces/{namespace}/pods/{pod}/status"),
-            Some(&serde_json::json!({ "status": status })),
+            Some((
+                "application/merge-patch+json",
+                &serde_json::json!({ "status": status }),
+            )),
         );
     }
 

@@ -534,6 +534,11 @@ async fn a_restarted_grad_lists_the_cluster_again_and_heals() {
         failed.reason
     );
     // The other runner's Pod is still running: it reconnects, state intact.
+    let admin = grad.admin().await;
+    wait_until("runner stays to reconnect", WAIT, || {
+        let runner = block_on(admin.get_runner("stays"));
+        runner.state() == RunnerState::Ready && runner.connected
+    });
     let out = grad.run(&["execute-code", "-r", "stays", "--code", "print(x + 1)"]);
     assert_eq!(out.code(), 0, "{}", out.stderr_str());
     assert_eq!(out.stdout_str().trim(), "42");

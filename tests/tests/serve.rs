@@ -151,6 +151,46 @@ fn bad_flags_are_refused_before_anything_starts() {
         "grad started despite a bad flag"
     );
 
+    // The Kubernetes flags: each refusal names its flag and what is valid.
+    for (args, named, valid) in [
+        (
+            &["--backend", "kubernetes", "--namespace", "Runners_1"][..],
+            "--namespace 'Runners_1'",
+            "lowercase letters",
+        ),
+        (
+            &[
+                "--backend",
+                "kubernetes",
+                "--runner-ephemeral-storage",
+                "10 GiB",
+            ][..],
+            "--runner-ephemeral-storage '10 GiB'",
+            "10Gi",
+        ),
+        (&["--job-pods"][..], "--job-pods", "--backend kubernetes"),
+        (&["--backend", "nomad"][..], "--backend", "kubernetes"),
+    ] {
+        let out = Command::new(bin("grad"))
+            .arg("serve")
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env_remove("KUBECONFIG")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} accepted");
+        let err = out.stderr_str();
+        assert!(
+            err.contains(named) && err.contains(valid),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !dir.path().join("grad.db").exists(),
+            "{args:?}: grad started"
+        );
+    }
+
     let out = Command::new(bin("grad"))
         .args(["user", "add", "Bad Name", "--data-dir"])
         .arg(dir.path())

@@ -67,8 +67,14 @@ fn secret_name(job_id: &str, attempt: u32) -> String {
     format!("job-{job_id}-{attempt}-token")
 }
 
-fn label<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata.labels.as_ref()?.get(key).map(String::as_str)
+/// The job, attempt and owner a job Pod's (or Secret's) labels name.
+fn attempt_of<K: kube::Resource>(object: &K) -> Option<(String, u32, String)> {
+    let labels = object.meta().labels.as_ref()?;
+    Some((
+        labels.get(JOB_ID)?.clone(),
+        labels.get(JOB_ATTEMPT)?.parse().ok()?,
+        labels.get(OWNER_ID)?.clone(),
+    ))
 }
 
 impl JobPods {
@@ -117,11 +123,7 @@ impl JobPods {
         let mut live: HashMap<String, u32> = HashMap::new();
         let mut pod_names: HashSet<String> = HashSet::new();
         for pod in pods.items {
-            let (Some(job_id), Some(attempt), Some(owner_id)) = (
-                label(&pod, JOB_ID).map(str::to_owned),
-                label(&pod, JOB_ATTEMPT).and_then(|a| a.parse::<u32>().ok()),
-                label(&pod, OWNER_ID).map(str::to_owned),
-            ) else {
+            let Some((job_id, attempt, owner_id)) = attempt_of(&pod) else {
                 continue;
             };
             pod_names.insert(pod_name(&job_id, attempt));
@@ -225,11 +227,9 @@ impl JobPods {
                     .await?
                 {
                     tracing::warn!(job = %job_id, attempt, reason = %why, "job pod ended mid-attempt");
-                    self.bus.bump(if state == JobState::Queued {
-                        Topic::Queue
-                    } else {
-                        Topic::Jobs
-                    });
+                    if state == JobState::Queued {
+                        self.bus.bump(Topic::Queue);
+                    }
                     self.bus.bump(Topic::Jobs);
                 }
                 true
@@ -260,26 +260,7 @@ impl JobPods {
         let cutoff =
             k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(60);
         for secret in secrets.items {
-            let (Some(job_id), Some(attempt), Some(owner_id)) = (
-                secret
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(JOB_ID))
-                    .cloned(),
-                secret
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(JOB_ATTEMPT))
-                    .and_then(|a| a.parse::<u32>().ok()),
-                secret
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(OWNER_ID))
-                    .cloned(),
-            ) else {
+            let Some((job_id, attempt, owner_id)) = attempt_of(&secret) else {
                 continue;
             };
             let old = secret
